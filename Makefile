@@ -1,0 +1,29 @@
+# `make demo` sets up .venv and runs the whole pipeline on a synthetic corpus; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# Override for another build, e.g. `make setup TORCH=torch==2.14.1` (CUDA wheels from PyPI on Linux).
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO := demo_data
+
+.PHONY: setup demo test clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) data/make_demo_corpus.py $(DEMO)/audio
+	$(PY) data/prepare_manifest.py $(DEMO)/audio --output_dir $(DEMO)/manifests
+	$(PY) bench/loader_throughput.py --manifest $(DEMO)/manifests/train.tsv --num_crops 200
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
+
+clean-demo:
+	rm -rf $(DEMO)
