@@ -22,7 +22,7 @@ import signal
 import sys
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +93,62 @@ def source_window(sr: int, total_frames: int, start: int, length: int, target_sr
 def read_mono(audio: sf.SoundFile, start: int, frames: int) -> np.ndarray:
     """Read frames as float32 mono. 16-bit files are read as integers and scaled here, which is
     several times faster than libsndfile's own float conversion and gives the same values."""
+    if audio.subtype == "VORBIS":
+        return _read_vorbis(audio, start, frames)
     audio.seek(start)
     if audio.subtype == "PCM_16":
         data = audio.read(frames, dtype="int16", always_2d=True)
         mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
         return np.multiply(mono, np.float32(1 / 32768), dtype=np.float32)
     return _to_mono(audio.read(frames, dtype="float32", always_2d=True))
+
+
+# libsndfile (1.2.2; its issue #885) does not seek Vorbis exactly. Measured on files it wrote: a seek
+# forward from a position it has already decoded lands up to a few thousand frames off (a quarter to
+# a half of random seeks on a reused handle), and so does any seek into the last Ogg page (a
+# constant shift of the file's end trim). A seek from frame 0 to a point before the last page is
+# sample exact, and so is decoding on from there, so reads are done that way.
+_OGG_MAX_PAGE_BYTES = 65_307
+_VORBIS_MAX_LAP_FRAMES = 8_192  # the longest Vorbis block: a seek point this far before the last page is clear of it
+
+
+def _read_vorbis(audio: sf.SoundFile, start: int, frames: int) -> np.ndarray:
+    safe_stop = getattr(audio, "_vorbis_safe_stop", None)
+    if safe_stop is None:
+        safe_stop = _vorbis_last_page_start(audio)
+        audio._vorbis_safe_stop = safe_stop
+    seek_to = min(start, max(0, safe_stop - _VORBIS_MAX_LAP_FRAMES))
+    audio.seek(0)
+    audio.seek(seek_to)
+    data = audio.read(start - seek_to + frames, dtype="float32", always_2d=True)
+    return _to_mono(data[start - seek_to :])
+
+
+def _vorbis_last_page_start(audio: sf.SoundFile) -> int:
+    """Frame at which the last Ogg page's samples begin (the previous page's granule position),
+    parsed from the file's tail; the file's length when it cannot be parsed (plain seeks then)."""
+    try:
+        with open(audio.name, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            n = min(size, 2 * _OGG_MAX_PAGE_BYTES + 27)
+            f.seek(size - n)
+            tail = f.read(n)
+    except (OSError, TypeError):
+        return audio.frames
+    pages = {}  # end offset -> (start offset, granule position), for every well-formed page in the tail
+    i = tail.find(b"OggS")
+    while i >= 0:
+        if i + 27 <= len(tail) and tail[i + 4] == 0 and i + 27 + tail[i + 26] <= len(tail):
+            segments = tail[i + 27 : i + 27 + tail[i + 26]]
+            pages[i + 27 + len(segments) + sum(segments)] = (i, int.from_bytes(tail[i + 6 : i + 14], "little", signed=True))
+        i = tail.find(b"OggS", i + 1)
+    end, walked = len(tail), 0
+    while end in pages:  # walk back from the end of the file, page by page
+        end, granule = pages[end]
+        walked += 1
+        if walked > 1 and granule >= 0:
+            return min(granule, audio.frames)
+    return audio.frames
 
 
 def _to_mono(frames: np.ndarray) -> np.ndarray:
@@ -216,9 +266,13 @@ def split_by_participant(rows: list[dict], dev_fraction: float, seed: int = 0) -
         for pid in participants:
             if len(dev_ids) == len(participants) - 1:
                 break
-            if not dev_ids or abs(dev_hours + hours[pid] - target) < abs(dev_hours - target):
+            if abs(dev_hours + hours[pid] - target) < abs(dev_hours - target):
                 dev_ids.add(pid)
                 dev_hours += hours[pid]
+        if not dev_ids:  # each participant alone overshoots by more than the target: take the closest one
+            pid = min(participants, key=lambda p: abs(hours[p] - target))
+            dev_ids.add(pid)
+            dev_hours += hours[pid]
     train = [r for r in rows if r["participant"] not in dev_ids]
     dev = [r for r in rows if r["participant"] in dev_ids]
     assert not {r["participant"] for r in train} & {r["participant"] for r in dev}, "participant leakage"
@@ -435,10 +489,17 @@ class CropStream(torch.utils.data.IterableDataset):
         bad: set[tuple[int, int]] = set()
         epoch = 0 if self.fixed else self.start_epoch
         first = 0 if self.fixed else self.start_batch
+        # Workers take turns by position in this iteration's stream, not by batch number, because
+        # DataLoader reads its workers round-robin: counting from the resume point and on across
+        # epoch boundaries keeps batches in order after start_at() and when an epoch's batch
+        # count is not a multiple of num_workers.
+        position = 0
         while True:
             plan = self.epoch_plan(epoch)
             for local in range(first, self.batches_per_process):
-                if local % num_workers != worker:
+                mine = position % num_workers == worker
+                position += 1
+                if not mine:
                     continue
                 global_batch = local * self.world_size + self.rank
                 indices = range(global_batch * self.batch_size, (global_batch + 1) * self.batch_size)
@@ -518,6 +579,34 @@ def stream_totals(per_worker: dict[int, dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class TrainingArguments:
+    """The training-loop flags pretrain.py and finetune_ctc.py share (same names, same meaning)."""
+
+    output_dir: str = field(default="runs/wav2vec2", metadata={"help": "Model, checkpoints, logs and model card go here."})
+    max_train_steps: int = field(default=1000, metadata={"help": "Optimizer updates to run."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Crops or utterances per process per micro-step."})
+    per_device_eval_batch_size: int = field(default=8)
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer update."})
+    learning_rate: float = field(default=5e-5)
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Any transformers scheduler name: linear, cosine, constant_with_warmup, ..."})
+    warmup_steps: int = field(default=0)
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and norms."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 turns it off."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    torch_compile: bool = field(default=False)
+    seed: int = field(default=0)
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
+    logging_steps: int = field(default=10)
+    eval_steps: int = field(default=500, metadata={"help": "Evaluate on dev every N updates; 0 turns it off."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N updates; 0 turns it off."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' (newest in output_dir/checkpoints, if any) or a checkpoint path."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none, or a comma list."})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub (default: output_dir's name)."})
+
+
 def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     """HfArgumentParser, with an optional YAML recipe as the first argument; flags override it."""
     import yaml
@@ -535,7 +624,10 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
         if unknown:
             parser.error(f"recipe {recipe_path} sets unknown option(s): {', '.join(unknown)}")
         parser.set_defaults(**recipe)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown_flags:
+        parser.error(f"unrecognized arguments: {' '.join(unknown_flags)}")
+    return parsed
 
 
 def append_jsonl(path, record: dict) -> None:

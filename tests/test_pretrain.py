@@ -1,0 +1,318 @@
+"""pretrain.py end to end on CPU with the tiny configs: learning, exact update arithmetic, resume,
+two processes, outputs, and errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import write_signal
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = REPO / "tests" / "pretrain_probe.py"
+
+
+def learnable_corpus(root: Path, files: int = 6, seconds: int = 40, seed: int = 0) -> Path:
+    """Notes of a few pitches, 80-200 ms each, over faint noise: frames have structure to learn."""
+    rng = np.random.default_rng(seed)
+    sr = 16000
+    for index in range(files):
+        notes = []
+        while sum(map(len, notes)) < seconds * sr:
+            n = int(rng.uniform(0.08, 0.2) * sr)
+            t = np.arange(n) / sr
+            notes.append(0.3 * np.sin(2 * np.pi * rng.choice([200, 300, 450, 700, 1000, 1500]) * t) * np.hanning(n))
+        audio = np.concatenate(notes)[: seconds * sr] + 0.01 * rng.standard_normal(seconds * sr)
+        write_signal(root / "audio" / f"S{index}_rec.wav", audio.astype(np.float32), sr)
+    from common import prepare_manifests
+
+    prepare_manifests(root / "audio", root / "manifests", dev_fraction=0.2, seed=0)
+    return root / "manifests"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return learnable_corpus(tmp_path_factory.mktemp("learnable"))
+
+
+def base_args(corpus: Path, output_dir: Path, config_dir: Path, **overrides) -> list[str]:
+    options = {
+        "config_name": config_dir, "train_manifest": corpus / "train.tsv", "output_dir": output_dir,
+        "crop_seconds": 1.0, "epoch_multiplier": 8, "per_device_train_batch_size": 4, "num_negatives": 10,
+        "learning_rate": 2e-3, "warmup_steps": 2, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+        "num_workers": 0, "report_to": "none", "max_train_steps": 3, "gumbel_temperature_decay": 0.99,
+    }
+    options.update(overrides)
+    args = []
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def run(args, env_extra=None, launcher=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    command = (launcher or [sys.executable]) + [str(a) for a in args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def log_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory, tiny_base_dir):
+    """One real run shared by the learning, output and model-card tests."""
+    output_dir = tmp_path_factory.mktemp("trained") / "run"
+    args = base_args(corpus, output_dir, tiny_base_dir, dev_manifest=corpus / "dev.tsv", crop_seconds=2.0, epoch_multiplier=20,
+                     per_device_train_batch_size=8, num_negatives=20, max_train_steps=150, warmup_steps=30,
+                     logging_steps=10, eval_steps=50, gumbel_temperature_decay=0.995, dev_crops_per_file=16)
+    run([REPO / "pretrain.py", *args])
+    return output_dir
+
+
+def test_dev_loss_falls_below_chance(trained):
+    dev = [r for r in log_rows(trained) if "dev_loss" in r]
+    assert [r["step"] for r in dev] == [0, 50, 100, 150]
+    chance = math.log(20 + 1)  # the true frame among 20 negatives, guessed uniformly
+    assert dev[0]["dev_loss"] > chance - 0.05
+    assert dev[-1]["dev_loss"] < dev[0]["dev_loss"] - 0.3
+    assert dev[-1]["dev_loss"] < chance - 0.2
+    assert dev[-1]["dev_accuracy"] > 2 * dev[0]["dev_accuracy"]
+
+
+def test_logged_masked_fraction_matches_the_mask_settings(trained):
+    from pretrain import MaskAndNegatives
+
+    rows = [r for r in log_rows(trained) if "loss" in r]
+    logged = np.mean([r["masked_fraction"] for r in rows])
+    transform = MaskAndNegatives(num_frames=99, mask_time_prob=0.65, mask_time_length=10, num_negatives=20)
+    keys = np.array([[0, 0, i] for i in range(400)])
+    expected = transform({"crop_keys": keys})["mask_time_indices"].mean()
+    assert abs(logged - expected) < 0.03
+    assert 0.40 < logged < 0.60
+    assert all(r["gumbel_temperature"] < 2.0 for r in rows)  # the schedule is applied, not stuck at 2.0
+
+
+def test_mask_fraction_for_fairseq_settings_on_8s_crops():
+    from pretrain import MaskAndNegatives
+
+    transform = MaskAndNegatives(num_frames=399, mask_time_prob=0.65, mask_time_length=10, num_negatives=100)
+    batch = transform({"crop_keys": np.array([[1, 0, i] for i in range(200)])})
+    masks, negatives = batch["mask_time_indices"], batch["sampled_negative_indices"]
+    assert 0.45 < masks.mean() < 0.52  # fairseq's ~49 %, not the reference's 2.5 %
+    # negatives of crop b are masked frames of crop b itself, never the positive frame
+    for row in range(5):
+        frames = np.nonzero(masks[row])[0]
+        drawn = negatives[row][frames] - row * 399
+        assert np.isin(drawn, frames).all()
+        assert not (drawn == frames[:, None]).any()
+        assert len(np.unique(drawn)) > len(frames) // 2  # spread over the whole masked set
+    again = transform({"crop_keys": np.array([[1, 0, i] for i in range(3)])})
+    assert (again["mask_time_indices"] == masks[:3]).all()  # a crop's mask depends on its key only
+
+
+def test_output_loads_with_every_head_and_card_has_the_numbers(trained):
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, Wav2Vec2Model
+
+    pretraining = Wav2Vec2ForPreTraining.from_pretrained(trained)
+    encoder = Wav2Vec2Model.from_pretrained(trained)
+    ctc = Wav2Vec2ForCTC.from_pretrained(trained)
+    Wav2Vec2FeatureExtractor.from_pretrained(trained)
+    key = "feature_projection.projection.weight"
+    assert torch.equal(encoder.state_dict()[key], pretraining.wav2vec2.state_dict()[key])
+    assert torch.equal(ctc.wav2vec2.state_dict()[key], encoder.state_dict()[key])
+    assert (trained / "model.safetensors").is_file() and (trained / "loss_curve.png").stat().st_size > 1000
+
+    card = (trained / "README.md").read_text()
+    rows = log_rows(trained)
+    steps = [r for r in rows if "loss" in r]
+    devs = [r for r in rows if "dev_loss" in r]
+    assert f"{steps[0]['loss']:,.4f}" in card and f"{steps[-1]['loss']:,.4f}" in card
+    assert f"{np.mean([r['loss'] for r in steps]):,.4f}" in card  # first (and last) 1k-step average of a 150-step run
+    assert f"{devs[-1]['dev_loss']:,.4f}" in card
+    assert "| Train split | 5 files" in card and "| Dev split | 1 files" in card
+    assert "| Total training steps | 150 |" in card
+    assert "torchaudio" not in card
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_base_dir):
+    """4 crops x 1 micro-step, 2 x 2 micro-steps, and 2 processes x 2 crops: same losses, grad
+    norms and weights. Dropout, LayerDrop and Gumbel noise are off, and the diversity term (whose
+    perplexity is a statistic of the micro-batch, as in fairseq) is left out of the loss."""
+    common = dict(config_overrides="hidden_dropout=0,attention_dropout=0,activation_dropout=0,feat_proj_dropout=0,layerdrop=0",
+                  diversity_loss_weight=0.0, max_grad_norm=1e9, max_train_steps=3, feature_grad_mult=1.0)
+    env = {"NOISELESS_GUMBEL": "1"}
+    runs = {
+        "4x1": dict(per_device_train_batch_size=4, gradient_accumulation_steps=1),
+        "2x2": dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    }
+    for name, split in runs.items():
+        out = tmp_path / name
+        run([PROBE, *base_args(corpus, out, tiny_base_dir, **common, **split)], {**env, "PROBE_DIR": str(out)})
+    out = tmp_path / "2proc"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    run([PROBE, *base_args(corpus, out, tiny_base_dir, **common, per_device_train_batch_size=2)],
+        {**env, "PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
+
+    reference = log_rows(tmp_path / "4x1")
+    reference_weights = torch.load(tmp_path / "4x1" / "weights_rank0.pt")
+    for name in ["2x2", "2proc"]:
+        rows = log_rows(tmp_path / name)
+        for a, b in zip(reference, rows):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), name
+            assert a["masked_fraction"] == pytest.approx(b["masked_fraction"], rel=1e-6), name
+        weights = torch.load(tmp_path / name / "weights_rank0.pt")
+        for key, value in reference_weights.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
+
+    # the same 12 crops, split without overlap between the two processes, and identical replicas
+    rank0 = (tmp_path / "2proc" / "crops_rank0.txt").read_text().split("\n")
+    rank1 = (tmp_path / "2proc" / "crops_rank1.txt").read_text().split("\n")
+    single = (tmp_path / "4x1" / "crops_rank0.txt").read_text().split("\n")
+    rank0, rank1, single = (set(filter(None, x)) for x in (rank0, rank1, single))
+    assert len(rank0) == len(rank1) == 6 and not rank0 & rank1
+    assert rank0 | rank1 == single
+    other = torch.load(tmp_path / "2proc" / "weights_rank1.pt")
+    for key, value in torch.load(tmp_path / "2proc" / "weights_rank0.pt").items():
+        assert torch.equal(other[key], value), key
+    # and the updates moved the weights away from the shared random init
+    from accelerate.utils import set_seed
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+
+    set_seed(0)
+    initial = Wav2Vec2ForPreTraining._from_config(Wav2Vec2Config.from_pretrained(tiny_base_dir)).state_dict()
+    moved = (initial["project_q.weight"] - reference_weights["project_q.weight"]).abs().max().item()
+    assert moved > 1e-3
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, tiny_base_dir):
+    options = dict(max_train_steps=12, save_steps=3, num_workers=1, dev_manifest=corpus / "dev.tsv", eval_steps=4)
+    straight = tmp_path / "straight"
+    run([REPO / "pretrain.py", *base_args(corpus, straight, tiny_base_dir, **options)])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, REPO / "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options)],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        checkpoints = list((killed / "checkpoints").glob("checkpoint-*")) if (killed / "checkpoints").exists() else []
+        if any(int(p.name.split("-")[1]) >= 6 for p in checkpoints) or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*"))
+    assert 6 <= latest < 12, "the run must be killed mid-way for this test to mean anything"
+    run([REPO / "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options), "--resume_from_checkpoint", "latest"])
+
+    expected, resumed = log_rows(straight), log_rows(killed)
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]
+    for a, b in zip(expected, resumed):
+        for key in ("loss", "dev_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_base_dir):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, REPO / "pretrain.py", *base_args(corpus, out, tiny_base_dir, max_train_steps=100000, save_steps=0)],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "train_log.jsonl").exists() and len(log_rows(out)) >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    state = json.loads((checkpoints[0] / "training_state.json").read_text())
+    assert state["step"] >= 3 and state["step"] == log_rows(out)[-1]["step"]
+    assert "SIGTERM" in stderr
+
+
+def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
+    out = tmp_path / "robust"
+    run([REPO / "pretrain.py", *base_args(corpus, out, tiny_robust_dir, max_train_steps=4)])
+    rows = log_rows(out)
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    from transformers import Wav2Vec2ForPreTraining
+
+    model = Wav2Vec2ForPreTraining.from_pretrained(out)
+    assert model.config.do_stable_layer_norm
+
+
+def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, tiny_base_dir, monkeypatch):
+    import huggingface_hub
+
+    import pretrain
+
+    seen = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        seen["repo_id"] = repo_id
+
+    def failing_upload(self, folder_path, **kwargs):
+        seen["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", failing_upload)
+    out = tmp_path / "hub-run"
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=2) + ["--push_to_hub", "--hub_model_id", "lab/home-w2v2"])
+    assert seen["repo_id"] == "lab/home-w2v2"
+    assert {"README.md", "model.safetensors", "config.json", "preprocessor_config.json", "loss_curve.png"} <= set(seen["files"])
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["missing_manifest", "empty_split", "crop_too_long", "bad_flag", "bad_recipe_key"])
+def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
+    import pretrain
+
+    args = base_args(corpus, tmp_path / "out", tiny_base_dir)
+    if case == "missing_manifest":
+        args += ["--train_manifest", str(tmp_path / "nope.tsv")]
+        expected = f"manifest not found: {tmp_path / 'nope.tsv'}"
+    elif case == "empty_split":
+        empty = tmp_path / "empty.tsv"
+        empty.write_text((corpus / "train.tsv").read_text().splitlines()[0] + "\n")
+        args += ["--train_manifest", str(empty)]
+        expected = f"train manifest {empty} has no files"
+    elif case == "crop_too_long":
+        args += ["--crop_seconds", "3600"]
+        expected = "no file is at least one crop long"
+    elif case == "bad_flag":
+        args += ["--mask_prob", "0.5"]
+        expected = "unrecognized arguments: --mask_prob"
+    else:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("learning_rate: 0.001\nmask_prob: 0.5\n")
+        args = [str(recipe)] + args
+        expected = "unknown option(s): mask_prob"
+    with pytest.raises(SystemExit) as error:
+        pretrain.main(args)
+    message = str(error.value.code) + capsys.readouterr().err
+    assert expected in message
