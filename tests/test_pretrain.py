@@ -21,13 +21,14 @@ PROBE = REPO / "tests" / "pretrain_probe.py"
 
 
 def learnable_corpus(root: Path, files: int = 6, seconds: int = 40, seed: int = 0) -> Path:
-    """Notes of a few pitches, 80-200 ms each, over faint noise: frames have structure to learn."""
+    """Notes of a few pitches, 0.2-0.5 s each, over faint noise: a masked span mostly lies inside a
+    note whose pitch shows at the span's edges, so context predicts the masked frames."""
     rng = np.random.default_rng(seed)
     sr = 16000
     for index in range(files):
         notes = []
         while sum(map(len, notes)) < seconds * sr:
-            n = int(rng.uniform(0.08, 0.2) * sr)
+            n = int(rng.uniform(0.2, 0.5) * sr)
             t = np.arange(n) / sr
             notes.append(0.3 * np.sin(2 * np.pi * rng.choice([200, 300, 450, 700, 1000, 1500]) * t) * np.hanning(n))
         audio = np.concatenate(notes)[: seconds * sr] + 0.01 * rng.standard_normal(seconds * sr)
@@ -316,3 +317,21 @@ def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
         pretrain.main(args)
     message = str(error.value.code) + capsys.readouterr().err
     assert expected in message
+
+
+@pytest.mark.parametrize("recipe", ["hindibabynet-wav2vec2-base.yaml", "wav2vec2-base-continued.yaml", "demo-tiny.yaml"])
+def test_pretraining_recipes_parse(recipe):
+    from common import TrainingArguments, parse_args_with_recipe
+    from pretrain import DataArguments, ModelArguments, ObjectiveArguments
+
+    model, data, objective, training = parse_args_with_recipe(
+        [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments], [str(REPO / "configs" / "recipes" / recipe), "--seed", "7"])
+    assert training.seed == 7  # flags override the recipe
+    if recipe.startswith("hindibabynet"):  # seed 000's table, value for value
+        assert model.model_name_or_path == "facebook/wav2vec2-base"
+        assert (data.crop_seconds, data.min_rms, data.max_crop_retries, data.epoch_multiplier) == (8.0, 0.001, 10, 10)
+        assert (training.learning_rate, training.lr_scheduler_type, training.warmup_steps, training.max_train_steps) == (5e-5, "linear", 5000, 50000)
+        assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 8)
+        assert training.gradient_checkpointing and training.max_grad_norm == 1.0 and training.weight_decay == 0.01
+        assert (objective.mask_time_prob, objective.mask_time_length, objective.num_negatives) == (0.05, 10, 100)
+        assert (objective.contrastive_temperature, objective.diversity_loss_weight) == (0.1, 0.1)

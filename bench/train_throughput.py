@@ -1,0 +1,180 @@
+"""Pretraining throughput: the full pretrain.py loop against the bare model step, in one run.
+
+    python bench/train_throughput.py [--config tiny|base|robust|PATH] [--batch_size 8] [--crop_seconds 8]
+        [--precision fp32|fp16|bf16] [--gradient_checkpointing] [--steps 30] [--manifest M]
+
+The full loop is pretrain.main() itself (crop stream with workers, masks, loss normalisation,
+logging); its speed is the steady-state `audio_seconds_per_second` it logs. The bare step is
+forward + backward + AdamW on tensors already on the device with the same shapes. The overhead
+ratio is bare / loop audio-seconds per second (1.00 = no overhead). On a GPU the run also prints
+MFU from the training cost of wav2vec2-base (44 GFLOP per audio second; REFERENCE.md) scaled to
+the model's size, and the peak memory of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common import prepare_manifests  # noqa: E402
+
+CONFIGS = {"tiny": REPO / "configs" / "tiny-wav2vec2-base", "robust": REPO / "configs" / "tiny-wav2vec2-robust"}
+BASE_TRAIN_FLOPS_PER_AUDIO_SECOND = 44e9  # wav2vec2-base, 8 s crops, no activation checkpointing
+BASE_PARAMETERS = 95.0e6
+
+
+def model_folder(name: str, workdir: Path) -> Path:
+    if name in CONFIGS:
+        return CONFIGS[name]
+    if name == "base":  # wav2vec2-base's architecture (transformers' defaults), random init
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
+
+        folder = workdir / "wav2vec2-base-config"
+        Wav2Vec2Config(feat_extract_norm="group", do_stable_layer_norm=False).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(folder)
+        return folder
+    return Path(name)
+
+
+def synthetic_manifest(workdir: Path) -> Path:
+    """Four minutes of 16 kHz noise in four files: reading costs little, no crop is silent."""
+    rng = np.random.default_rng(0)
+    (workdir / "audio").mkdir(parents=True)
+    for index in range(4):
+        noise = (0.1 * rng.standard_normal(60 * 16000)).astype(np.float32)
+        sf.write(str(workdir / "audio" / f"B{index}_noise.wav"), noise, 16000, subtype="PCM_16")
+    prepare_manifests(workdir / "audio", workdir / "manifests", dev_fraction=0.0)
+    return workdir / "manifests" / "train.tsv"
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
+    """Audio seconds per second of forward + backward + optimizer step on ready tensors."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+
+    from pretrain import MaskAndNegatives, feature_frames
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = Wav2Vec2Config.from_pretrained(config_dir)
+    model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation="sdpa").to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    samples = int(args.crop_seconds * 16000)
+    frames = feature_frames(config, samples)
+    masks = MaskAndNegatives(frames, 0.65, 10, 100)({"crop_keys": np.array([[0, 0, i] for i in range(args.batch_size)])})
+    inputs = {
+        "input_values": torch.randn(args.batch_size, samples, device=device),
+        "mask_time_indices": torch.from_numpy(masks["mask_time_indices"]).to(device),
+        "sampled_negative_indices": torch.from_numpy(masks["sampled_negative_indices"]).to(device),
+    }
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")
+
+    def step():
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(**inputs).loss / inputs["mask_time_indices"].sum()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return args.steps * args.batch_size * args.crop_seconds / elapsed, peak_memory_gb()
+
+
+def loop_speed(config_dir: Path, manifest: Path, workdir: Path, args) -> tuple[float, float]:
+    import pretrain
+
+    os.environ["ACCELERATE_MIXED_PRECISION"] = {"fp32": "no"}.get(args.precision, args.precision)
+    output_dir = workdir / "run"
+    window = args.steps
+    flags = ["--config_name", str(config_dir), "--train_manifest", str(manifest), "--output_dir", str(output_dir),
+             "--crop_seconds", str(args.crop_seconds), "--per_device_train_batch_size", str(args.batch_size),
+             "--max_train_steps", str(3 + 2 * window), "--logging_steps", str(window), "--eval_steps", "0", "--save_steps", "0",
+             "--num_workers", str(args.num_workers), "--report_to", "none", "--learning_rate", "1e-5", "--epoch_multiplier", "1000"]
+    if args.gradient_checkpointing:
+        flags.append("--gradient_checkpointing")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    pretrain.main(flags)
+    rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    return rows[-1]["audio_seconds_per_second"], peak_memory_gb()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="tiny, robust, base (wav2vec2-base architecture, random init) or a config folder")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--crop_seconds", type=float, default=8.0)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (the loop runs 2 windows of this many, the last is reported)")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--manifest", help="train manifest to read crops from (default: synthetic 16 kHz noise)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense bf16/fp16: 989)")
+    parser.add_argument("--skip_loop", action="store_true", help="bare step only (e.g. for memory figures)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        config_dir = model_folder(args.config, workdir)
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
+              f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device}")
+        bare, bare_memory = bare_step_speed(config_dir, args)
+        print(f"bare step:  {bare:10.1f} audio-s/s   peak memory {bare_memory:.2f} GB")
+        if not args.skip_loop:
+            manifest = Path(args.manifest) if args.manifest else synthetic_manifest(workdir)
+            loop, loop_memory = loop_speed(config_dir, manifest, workdir, args)
+            print(f"full loop:  {loop:10.1f} audio-s/s   peak memory {loop_memory:.2f} GB")
+            print(f"overhead ratio (bare / loop): {bare / loop:.3f}")
+        if torch.cuda.is_available():
+            from transformers import Wav2Vec2Config
+
+            parameters = sum(np.prod(p) for p in _parameter_shapes(Wav2Vec2Config.from_pretrained(config_dir)))
+            flops = BASE_TRAIN_FLOPS_PER_AUDIO_SECOND * parameters / BASE_PARAMETERS
+            best = loop if not args.skip_loop else bare
+            print(f"MFU: {best * flops / (args.peak_tflops * 1e12) * 100:.1f} % ({flops / 1e9:.1f} GFLOP per audio second)")
+        print(f"audio-s/s: {loop if not args.skip_loop else bare:.1f}")
+
+
+def _parameter_shapes(config):
+    from transformers import Wav2Vec2Model
+
+    with torch.device("meta"):
+        return [p.shape for p in Wav2Vec2Model(config).parameters()]
+
+
+if __name__ == "__main__":
+    main()
