@@ -22,7 +22,7 @@ import signal
 import sys
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ def read_mono(audio: sf.SoundFile, start: int, frames: int) -> np.ndarray:
     audio.seek(start)
     if audio.subtype == "PCM_16":
         data = audio.read(frames, dtype="int16", always_2d=True)
-        mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+        mono = data[:, 0] if data.shape[1] == 1 else _downmix(data)
         return np.multiply(mono, np.float32(1 / 32768), dtype=np.float32)
     return _to_mono(audio.read(frames, dtype="float32", always_2d=True))
 
@@ -154,7 +154,19 @@ def _vorbis_last_page_start(audio: sf.SoundFile) -> int:
 def _to_mono(frames: np.ndarray) -> np.ndarray:
     if frames.shape[1] == 1:
         return np.ascontiguousarray(frames[:, 0])
-    return frames.mean(axis=1, dtype=np.float32)
+    return _downmix(frames)
+
+
+def _downmix(frames: np.ndarray) -> np.ndarray:
+    """frames.mean(axis=1, dtype=float32), bit for bit, but over a few columns rather than along
+    rows: numpy's mean across a 2-wide axis took 2/3 of the time of an 8 s 44.1 kHz stereo FLAC read."""
+    if frames.shape[1] >= 8:  # numpy switches to pairwise summation there, which this loop would not match
+        return frames.mean(axis=1, dtype=np.float32)
+    mono = frames[:, 0].astype(np.float32)
+    for channel in range(1, frames.shape[1]):
+        mono += frames[:, channel]
+    mono /= np.float32(frames.shape[1])
+    return mono
 
 
 def _pad_to(x: np.ndarray, length: int) -> np.ndarray:
@@ -559,7 +571,8 @@ class CropStream(torch.utils.data.IterableDataset):
                 best, best_rms, best_window = source, rms, window
             if rms >= self.min_rms:
                 break
-            stats["retries"] += 1
+            if attempt < self.max_crop_retries:  # a redraw follows; the last silent try is not one
+                stats["retries"] += 1
         else:
             stats["all_silent"] += 1
         return best_window.resample(best, sr)
@@ -628,6 +641,43 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     if unknown_flags:
         parser.error(f"unrecognized arguments: {' '.join(unknown_flags)}")
     return parsed
+
+
+def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop: float):
+    """The Accelerator both training scripts use, and the trackers named by --report_to."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
+
+    trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=str(output_dir),
+        # LayerDrop skips whole layers, whose parameters then get no gradient in that step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=layerdrop > 0)],
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if train_args.torch_compile else None,
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator, trackers
+
+
+def start_train_log(accelerator, output_dir: Path, start_step: int, arguments: dict, trackers: list[str], project: str, extra: dict | None = None) -> Path:
+    """OUTPUT_DIR/train_log.jsonl cut back to start_step, training_args.json, and the trackers.
+
+    A resumed run replaces the rows the interrupted run wrote after its last checkpoint.
+    `arguments` maps a group name to its argument dataclass.
+    """
+    log_path = output_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        kept = [row for row in read_jsonl(log_path) if row.get("step", 0) <= start_step]
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        record = {name: asdict(group) for name, group in arguments.items()} | (extra or {})
+        (output_dir / "training_args.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    if trackers:
+        flat = {k: v for group in arguments.values() for k, v in asdict(group).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(project, config=flat)
+    return log_path
 
 
 def append_jsonl(path, record: dict) -> None:

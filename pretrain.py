@@ -12,17 +12,15 @@ A YAML recipe may come first; flags after it override it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, get_scheduler
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
@@ -35,6 +33,7 @@ from common import (
     append_jsonl,
     hardware_description,
     load_checkpoint,
+    make_accelerator,
     optimizer_param_groups,
     parse_args_with_recipe,
     parse_weighted_manifests,
@@ -46,6 +45,7 @@ from common import (
     scan_audio_folder,
     software_versions,
     split_by_participant,
+    start_train_log,
     stream_totals,
     write_tsv,
     MANIFEST_COLUMNS,
@@ -181,17 +181,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ config, accelerator
     config = Wav2Vec2Config.from_pretrained(model_args.config_name or model_args.model_name_or_path)
     apply_config_overrides(config, model_args.config_overrides)
-    trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_dir=str(output_dir),
-        # LayerDrop skips whole layers, whose parameters then get no gradient in that step.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.layerdrop > 0)],
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if train_args.torch_compile else None,
-    )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
     set_seed(train_args.seed)
 
     # ------------------------------------------------------------------ data
@@ -272,16 +262,8 @@ def main(argv=None):
         start_step, stream_state = state["step"], state
         train_stream.start_at(state["epoch"], state["batch_in_epoch"])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, start_step, state["epoch"], state["batch_in_epoch"])
-    log_path = output_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        # Rows written after the checkpoint by the interrupted run are replaced by the resumed run's.
-        kept = [row for row in read_jsonl(log_path) if row.get("step", 0) <= start_step]
-        log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        (output_dir / "training_args.json").write_text(json.dumps(
-            {"model": asdict(model_args), "data": asdict(data_args), "objective": asdict(objective), "training": asdict(train_args)}, indent=2) + "\n")
-    if trackers:
-        flat = {k: v for group in (model_args, data_args, objective, train_args) for k, v in asdict(group).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("pretrain", config=flat)
+    log_path = start_train_log(accelerator, output_dir, start_step, {"model": model_args, "data": data_args, "objective": objective, "training": train_args},
+                               trackers, "pretrain")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate() -> dict:

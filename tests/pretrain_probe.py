@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
@@ -43,8 +44,8 @@ def recording_iter(self):
 
 
 common.CropStream.__iter__ = recording_iter
-original_prepare = pretrain.Accelerator.prepare
-original_end = pretrain.Accelerator.end_training
+original_prepare = Accelerator.prepare
+original_end = Accelerator.end_training
 
 
 def prepare(self, *objects, **kwargs):
@@ -59,8 +60,8 @@ def end_training(self):
     original_end(self)
 
 
-pretrain.Accelerator.prepare = prepare
-pretrain.Accelerator.end_training = end_training
+Accelerator.prepare = prepare
+Accelerator.end_training = end_training
 
 if __name__ == "__main__":
     probe_dir.mkdir(parents=True, exist_ok=True)

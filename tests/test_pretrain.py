@@ -204,6 +204,17 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
     assert moved > 1e-3
 
 
+def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
+    """LayerDrop leaves skipped layers without gradients; plain DDP would stop with an error."""
+    out = tmp_path / "layerdrop"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    run([PROBE, *base_args(corpus, out, tiny_base_dir, config_overrides="layerdrop=0.7", max_train_steps=4, per_device_train_batch_size=2)],
+        {"PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4]
+    rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, tiny_base_dir):
     options = dict(max_train_steps=12, save_steps=3, num_workers=1, dev_manifest=corpus / "dev.tsv", eval_steps=4)
     straight = tmp_path / "straight"
