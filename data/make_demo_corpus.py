@@ -7,11 +7,19 @@ speech-like voiced stretches in adult and child pitch ranges and household noise
 Files rotate through the formats users bring: 16 kHz mono WAV, 44.1 kHz stereo FLAC and 48 kHz
 OGG Vorbis. File names start with the participant id (`P03_rec1.flac`), which the default
 `--participant_regex` of data/prepare_manifest.py picks up. The same seed gives the same files.
+
+    python data/make_demo_corpus.py --labelled_dir demo_data/labelled [--utterances 600]
+
+writes a labelled set for finetune_ctc.py instead (or as well, with both arguments): a synthetic
+alphabet where each character is a short sound of its own, spoken in short words by six "speakers"
+with noise and varied speed, and `train.tsv` / `dev.tsv` (path, text, participant, start, end;
+the dev speaker is not in train). A tiny model learns it on a CPU in a minute or two.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +112,132 @@ def make_corpus(output_dir, participants: int = 6, minutes: float = 3.0, seed: i
     return paths
 
 
+# The labelled set's "alphabet": every character is a ~90 ms sound of its own (4-5 frames of a
+# wav2vec2 model): low, middle and high tones, steady or pulsed, a rising and a falling chirp, and
+# a band of hiss, so that they differ across the whole band. (start Hz, end Hz, pulses per second);
+# None is the hiss.
+CHARACTER_SOUNDS = {
+    "a": (400, 400, 0), "e": (2000, 2000, 0), "i": (5000, 5000, 0), "o": (400, 400, 50),
+    "k": (5000, 5000, 50), "m": (400, 5000, 0), "d": (5000, 400, 0), "s": None,
+}
+LABELLED_FORMATS = [("wav", 16_000, 1, "PCM_16"), ("flac", 44_100, 2, "PCM_16"), ("wav", 22_050, 1, "PCM_16")]
+LABELLED_COLUMNS = ["path", "text", "participant", "start", "end"]
+
+
+def character_sound(rng: np.random.Generator, char: str, speed: float, pitch: float) -> np.ndarray:
+    n = int(0.09 / speed * BASE_RATE * rng.uniform(0.9, 1.1))
+    t = np.arange(n) / BASE_RATE
+    if CHARACTER_SOUNDS[char] is None:
+        hiss = np.fft.rfft(rng.standard_normal(n))
+        freqs = np.fft.rfftfreq(n, 1 / BASE_RATE)
+        hiss[(freqs < 3000) | (freqs > 6000)] = 0
+        sound = np.fft.irfft(hiss, n)
+        sound /= np.abs(sound).max() + 1e-9
+    else:
+        start_hz, end_hz, pulses = CHARACTER_SOUNDS[char]
+        f0, f1 = (f * pitch * rng.uniform(0.97, 1.03) for f in (start_hz, end_hz))
+        frequency = f0 + (f1 - f0) * t / t[-1]
+        sound = np.sin(2 * np.pi * np.cumsum(frequency) / BASE_RATE + rng.uniform(0, 2 * np.pi))
+        if pulses:
+            sound *= np.sin(np.pi * pulses * t) ** 2
+    ramp = min(n // 4, int(0.01 * BASE_RATE))
+    envelope = np.ones(n)
+    envelope[:ramp], envelope[n - ramp :] = np.linspace(0, 1, ramp), np.linspace(1, 0, ramp)
+    return sound * envelope * rng.uniform(0.5, 1.0)
+
+
+def random_transcript(rng: np.random.Generator, alphabet: str) -> str:
+    """One or two words of one to three characters, no character twice in a row."""
+    words = []
+    for _ in range(int(rng.integers(1, 3))):
+        target = int(rng.integers(1, 4))
+        word = str(rng.choice(list(alphabet)))
+        while len(word) < target:
+            word += str(rng.choice([c for c in alphabet if c != word[-1]]))
+        words.append(word)
+    return " ".join(words)
+
+
+def speak(rng: np.random.Generator, text: str, pitch: float, noise_level: float) -> np.ndarray:
+    """The utterance of `text` with a speaking rate of its own, pauses between words and room noise."""
+    speed = rng.uniform(0.8, 1.25)
+    parts = [np.zeros(int(rng.uniform(0.03, 0.08) * BASE_RATE))]
+    for i, char in enumerate(text):
+        if char == " ":
+            parts.append(np.zeros(int(rng.uniform(0.12, 0.18) / speed * BASE_RATE)))
+            continue
+        if i and text[i - 1] != " ":
+            parts.append(np.zeros(int(rng.uniform(0.03, 0.05) * BASE_RATE)))
+        parts.append(character_sound(rng, char, speed, pitch))
+    parts.append(np.zeros(int(rng.uniform(0.03, 0.08) * BASE_RATE)))
+    audio = 0.3 * np.concatenate(parts)
+    return audio + noise_level * rng.standard_normal(len(audio))
+
+
+def make_labelled_set(output_dir, num_utterances: int = 600, seed: int = 0, num_speakers: int = 6, alphabet: str = "".join(CHARACTER_SOUNDS)) -> dict:
+    """Write the labelled set: audio in output_dir/audio, output_dir/train.tsv and dev.tsv.
+
+    Six speakers (`S01`...) with pitches of their own; the last one is the dev set. About two in
+    three utterances are files of their own (16 kHz WAV, 44.1 kHz stereo FLAC, 22.05 kHz WAV), the
+    rest are segments (`start`, `end` in seconds) of one long recording per speaker. Returns the
+    number of utterances per split.
+    """
+    unknown = set(alphabet) - set(CHARACTER_SOUNDS)
+    if unknown:
+        raise ValueError(f"alphabet characters without a sound: {sorted(unknown)}")
+    output_dir = Path(output_dir)
+    (output_dir / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[dict]] = {"train": [], "dev": []}
+    per_speaker = np.diff(np.linspace(0, num_utterances, num_speakers + 1).round().astype(int))
+    for s, count in enumerate(per_speaker, start=1):
+        speaker, split = f"S{s:02d}", "dev" if s == num_speakers else "train"
+        pitch, noise_level = rng.uniform(0.92, 1.08), 10 ** rng.uniform(-2.5, -1.7)
+        session, session_rows, position = [], [], 0.0
+        for u in range(int(count)):
+            text = random_transcript(rng, alphabet)
+            audio = speak(rng, text, pitch, noise_level).astype(np.float32)
+            if rng.random() < 2 / 3:
+                extension, sample_rate, channels, subtype = LABELLED_FORMATS[u % len(LABELLED_FORMATS)]
+                name = f"audio/{speaker}_utt{u:03d}.{extension}"
+                write_audio(output_dir / name, audio, sample_rate, channels, subtype, rng)
+                rows[split].append({"path": name, "text": text, "participant": speaker, "start": "", "end": ""})
+            else:  # a segment of the speaker's long recording, with room noise in between
+                gap = noise_level * rng.standard_normal(int(rng.uniform(0.5, 1.5) * BASE_RATE))
+                session += [gap, audio]
+                start = position + len(gap) / BASE_RATE
+                position = start + len(audio) / BASE_RATE
+                session_rows.append({"text": text, "participant": speaker, "start": f"{start:.4f}", "end": f"{position:.4f}"})
+        if session_rows:
+            name = f"audio/{speaker}_session.flac"
+            session.append(noise_level * rng.standard_normal(BASE_RATE))
+            write_audio(output_dir / name, np.concatenate(session).astype(np.float32), BASE_RATE, 1, "PCM_16", rng)
+            rows[split] += [{"path": name, **row} for row in session_rows]
+    for split, split_rows in rows.items():
+        with open(output_dir / f"{split}.tsv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=LABELLED_COLUMNS, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(split_rows)
+    return {split: len(split_rows) for split, split_rows in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir")
+    parser.add_argument("output_dir", nargs="?", help="where the unlabelled long recordings go")
     parser.add_argument("--participants", type=int, default=6)
     parser.add_argument("--minutes", type=float, default=3.0, help="typical length of one recording")
+    parser.add_argument("--labelled_dir", help="also (or only) write the labelled set for finetune_ctc.py here")
+    parser.add_argument("--utterances", type=int, default=600, help="utterances in the labelled set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    paths = make_corpus(args.output_dir, args.participants, args.minutes, args.seed)
-    print(f"wrote {len(paths)} recordings of {args.participants} participants to {args.output_dir}")
+    if not args.output_dir and not args.labelled_dir:
+        parser.error("give an output_dir (unlabelled recordings), --labelled_dir (labelled set), or both")
+    if args.output_dir:
+        paths = make_corpus(args.output_dir, args.participants, args.minutes, args.seed)
+        print(f"wrote {len(paths)} recordings of {args.participants} participants to {args.output_dir}")
+    if args.labelled_dir:
+        counts = make_labelled_set(args.labelled_dir, args.utterances, args.seed)
+        print(f"wrote a labelled set of {counts['train']} train and {counts['dev']} dev utterances to {args.labelled_dir}")
 
 
 if __name__ == "__main__":
