@@ -18,9 +18,14 @@ $(VENV)/.installed: requirements.txt Makefile
 	touch $@
 
 demo: setup
-	$(PY) data/make_demo_corpus.py $(DEMO)/audio
+	$(PY) data/make_demo_corpus.py $(DEMO)/audio --labelled_dir $(DEMO)/labelled
 	$(PY) data/prepare_manifest.py $(DEMO)/audio --output_dir $(DEMO)/manifests
 	$(PY) bench/loader_throughput.py --manifest $(DEMO)/manifests/train.tsv --num_crops 200
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml pretrain.py configs/recipes/demo-tiny.yaml
+	$(PY) finetune_ctc.py configs/recipes/demo-ctc-tiny.yaml
+	$(PY) finetune_ctc.py transcribe --model_name_or_path $(DEMO)/ctc $(DEMO)/labelled/audio/S06_utt001.flac $(DEMO)/labelled/audio/S06_session.flac
+	$(PY) extract_features.py --model_name_or_path $(DEMO)/pretrained --layers all --pooling meanstd --output_dir $(DEMO)/features $(DEMO)/manifests/dev.tsv
+	@echo "demo outputs in $(DEMO)/: pretrained/ (model, README.md model card, loss_curve.png), ctc/ (eval_results.json), features/ (index.tsv)"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }

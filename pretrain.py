@@ -91,6 +91,7 @@ class ObjectiveArguments:
     num_negatives: int = field(default=100)
     contrastive_temperature: float = field(default=0.1)
     diversity_loss_weight: float = field(default=0.1)
+    feature_penalty_weight: float = field(default=10.0, metadata={"help": "Weight of the mean square of the CNN features in the loss (fairseq: 10; transformers' model has no such term)."})
     max_gumbel_temperature: float = field(default=2.0)
     min_gumbel_temperature: float = field(default=0.5)
     gumbel_temperature_decay: float = field(default=0.999995)
@@ -238,6 +239,14 @@ def main(argv=None):
     elif model_args.feature_grad_mult != 1.0:
         for param in model.wav2vec2.feature_extractor.parameters():
             param.register_hook(lambda grad, mult=model_args.feature_grad_mult: grad * mult)
+    # fairseq adds 10 x the mean square of the CNN features to the loss; transformers' model does
+    # not. Without it the features of a model trained from scratch grow without bound and a few
+    # channels come to dominate (mean square 68 instead of 1 after 400 demo steps), which
+    # fine-tuning then struggles to undo.
+    cnn_output: dict[str, torch.Tensor] = {}
+    use_feature_penalty = objective.feature_penalty_weight > 0 and not model_args.freeze_feature_encoder
+    if use_feature_penalty:
+        model.wav2vec2.feature_extractor.register_forward_hook(lambda module, args, output: cnn_output.__setitem__("features", output))
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -276,6 +285,7 @@ def main(argv=None):
                 out = model(**inputs)
                 mask = inputs["mask_time_indices"]
                 sums += torch.stack([out.loss.float(), mask.sum().float(), contrastive_correct(out, inputs, unwrapped.config).float(), out.contrastive_loss.float()])
+        cnn_output.clear()
         sums = accelerator.reduce(sums, reduction="sum")
         model.train()
         return {"dev_loss": (sums[0] / sums[1]).item(), "dev_contrastive_loss": (sums[3] / sums[1]).item(), "dev_accuracy": (sums[2] / sums[1]).item()}
@@ -286,7 +296,7 @@ def main(argv=None):
     batches = iter(loader(train_stream))
     worker_stats: dict[int, dict] = {}
     unreadable: set[str] = set(stream_state.get("unreadable", []))
-    window = torch.zeros(6, device=accelerator.device)  # loss, contrastive, diversity, masked, frames, perplexity-sum
+    window = torch.zeros(7, device=accelerator.device)  # loss, contrastive, diversity, masked, frames, perplexity-sum, feature penalty
     window_steps, window_start = 0, time.time()
     crop_seconds_per_update = data_args.crop_seconds * train_args.per_device_train_batch_size * accumulation * accelerator.num_processes
     progress = tqdm(range(start_step, train_args.max_train_steps), initial=start_step, total=train_args.max_train_steps,
@@ -317,14 +327,15 @@ def main(argv=None):
             inputs = to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 out = model(**inputs)
-                accelerator.backward(out.loss * loss_scale)
+                penalty = feature_penalty(cnn_output.pop("features"), inputs["mask_time_indices"]) if use_feature_penalty else torch.zeros((), device=accelerator.device)
+                accelerator.backward((out.loss + objective.feature_penalty_weight * penalty) * loss_scale)
                 if accelerator.sync_gradients and train_args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window += torch.stack([out.loss.detach().float(), out.contrastive_loss.detach().float(), out.diversity_loss.detach().float(),
                                    inputs["mask_time_indices"].sum().float(), torch.tensor(float(inputs["mask_time_indices"].numel()), device=accelerator.device),
-                                   out.codevector_perplexity.detach().float()])
+                                   out.codevector_perplexity.detach().float(), penalty.detach().float()])
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
             scheduler.step()
         window_steps += 1
@@ -342,6 +353,7 @@ def main(argv=None):
                 "diversity_loss": (totals[2] / totals[3]).item(),
                 "loss_sum_per_update": (totals[0] / window_steps).item(),
                 "codevector_perplexity": (totals[5] / (window_steps * accumulation * accelerator.num_processes)).item(),
+                "feature_penalty": (totals[6] / totals[3]).item(),
                 "masked_fraction": (totals[3] / totals[4]).item(),
                 "gumbel_temperature": temperature,
                 "lr": scheduler.get_last_lr()[0],
@@ -414,6 +426,13 @@ def to_device(batch: dict, device) -> dict:
         "mask_time_indices": batch["mask_time_indices"].to(device, non_blocking=True),
         "sampled_negative_indices": batch["sampled_negative_indices"].to(device, non_blocking=True),
     }
+
+
+def feature_penalty(features: torch.Tensor, mask_time_indices: torch.Tensor) -> torch.Tensor:
+    """Each crop's mean square CNN feature, times its masked frames, summed like the model's loss:
+    divided by the update's masked frames, it does not depend on how the update is split."""
+    per_crop = features.float().pow(2).mean(dim=(1, 2))
+    return (per_crop * mask_time_indices.sum(1)).sum()
 
 
 def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
@@ -535,13 +554,15 @@ to 16 kHz mono; crops with RMS < {data_args.min_rms:g} redrawn (up to {data_args
 | Num negatives | {objective.num_negatives} |
 | Contrastive temperature | {objective.contrastive_temperature:g} |
 | Diversity loss weight | {objective.diversity_loss_weight:g} |
+| Feature penalty weight | {objective.feature_penalty_weight:g} (x mean square of the CNN features, as fairseq) |
 | Gumbel temperature | max({objective.max_gumbel_temperature:g} x {objective.gumbel_temperature_decay}^(step + {gumbel_start:,}), {objective.min_gumbel_temperature:g}) |
 | Hardware | {hardware} |
 | Software | PyTorch {versions["torch"]}, Transformers {versions["transformers"]}, Accelerate {versions["accelerate"]}, soundfile {versions["soundfile"]}, soxr {versions["soxr"]} |
 
 ## Training loss
 
-Loss per masked frame (contrastive + {objective.diversity_loss_weight:g} x diversity). "Summed" is the
+Loss per masked frame (contrastive + {objective.diversity_loss_weight:g} x diversity; the feature penalty is logged apart as
+`feature_penalty` in train_log.jsonl). "Summed" is the
 model's raw summed loss per update, the figure some cards report.
 
 | Metric | Per masked frame | Summed per update |

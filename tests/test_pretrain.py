@@ -95,6 +95,20 @@ def test_dev_loss_falls_below_chance(trained):
     assert dev[-1]["dev_accuracy"] > 2 * dev[0]["dev_accuracy"]
 
 
+def test_feature_penalty_is_summed_per_crop_and_holds_the_cnn_features_down(trained):
+    from pretrain import feature_penalty
+
+    features = torch.randn(4, 8, 30) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
+    mask = torch.zeros(4, 30, dtype=torch.bool)
+    mask[:, :10] = True
+    mask[3, 10:20] = True  # crop 3 has twice the masked frames, so twice the weight
+    expected = sum(features[i].pow(2).mean() * mask[i].sum() for i in range(4))
+    assert torch.allclose(feature_penalty(features, mask), expected)
+    assert torch.allclose(feature_penalty(features[:1], mask[:1]) + feature_penalty(features[1:], mask[1:]), expected)
+    penalties = [r["feature_penalty"] for r in log_rows(trained) if "loss" in r]
+    assert all(p > 0 for p in penalties) and penalties[-1] < penalties[0] / 2
+
+
 def test_logged_masked_fraction_matches_the_mask_settings(trained):
     from pretrain import MaskAndNegatives
 
@@ -345,4 +359,4 @@ def test_pretraining_recipes_parse(recipe):
         assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 8)
         assert training.gradient_checkpointing and training.max_grad_norm == 1.0 and training.weight_decay == 0.01
         assert (objective.mask_time_prob, objective.mask_time_length, objective.num_negatives) == (0.05, 10, 100)
-        assert (objective.contrastive_temperature, objective.diversity_loss_weight) == (0.1, 0.1)
+        assert (objective.contrastive_temperature, objective.diversity_loss_weight, objective.feature_penalty_weight) == (0.1, 0.1, 0.0)
