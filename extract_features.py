@@ -254,6 +254,9 @@ def make_jobs(sources: dict[str, str], segments: list | None, extension: str) ->
         other = by_output.setdefault(job.output, job)
         if other.source != job.source:
             raise ValueError(f"{other.source} and {job.source} would both be written to {job.output}; extract them into separate output folders")
+        if other != job:  # times equal to the millisecond, or labels equal once made file-name safe
+            raise ValueError(f"--segments: two segments of {job.source} ({other.start}-{other.end} {other.label!r} and "
+                             f"{job.start}-{job.end} {job.label!r}) would both be written to {job.output}")
     return jobs
 
 
@@ -358,7 +361,12 @@ class WindowReader(torch.utils.data.IterableDataset):
         region_stop = file_length if job.end is None else min(file_length, round(job.end * TARGET_SAMPLE_RATE))
         num_frames, windows = plan_windows(region_start, region_stop - region_start, file_length, self.chunk_frames, self.context_frames, *self.geometry)
         if num_frames == 0:
-            reason = f"shorter than one frame ({self.geometry[0] / TARGET_SAMPLE_RATE * 1000:g} ms)" if region_start < file_length else "starts after the end of the file"
+            if file_length == 0:
+                reason = "empty file (no samples)"
+            elif region_start < file_length:
+                reason = f"shorter than one frame ({self.geometry[0] / TARGET_SAMPLE_RATE * 1000:g} ms)"
+            else:
+                reason = "starts after the end of the file"
             yield {"source": job.source, "job": (job_id, job), "reason": reason}
             return
         if self.skip_existing and (self.output_dir / job.output).exists():

@@ -395,3 +395,19 @@ def test_two_hour_file_extracts_with_bounded_memory(tmp_path, tiny_base_dir, rep
     assert (row["num_frames"], float(row["end"])) == (str(features.shape[0]), 7200.0)
     loud, silent = features[50 * 5 : 50 * 6], features[50 * 900 : 50 * 901]  # at 0:05 (loud) and 15:00 (silent)
     assert np.isfinite(features[::1000]).all() and np.abs(loud - silent).mean() > 0.1
+
+
+def test_segments_that_would_share_an_output_file_and_empty_files_are_reported(models, tmp_path):
+    from extract_features import make_jobs
+
+    sources = {"/data/P01_day1.wav": "P01_day1"}
+    with pytest.raises(ValueError, match="two segments of /data/P01_day1.wav"):
+        make_jobs(sources, [("P01_day1", 1.0, 2.0, "A B"), ("P01_day1", 1.0, 2.0, "A_B")], "npy")
+    assert len(make_jobs(sources, [("P01_day1", 1.0, 2.0, "A"), ("P01_day1", 1.0, 2.0, "A")], "npy")) == 1
+
+    write_signal(tmp_path / "audio" / "P01_ok.wav", steady(2, seed=1), SR, "FLOAT")
+    sf.write(tmp_path / "audio" / "P02_empty.wav", np.zeros(0, dtype=np.float32), SR)
+    extract(models["robust_raw"], tmp_path / "out", tmp_path / "audio")
+    (failure,) = read_table(tmp_path / "out" / "failures.tsv")
+    assert failure["source"].endswith("P02_empty.wav") and failure["reason"] == "empty file (no samples)"
+    assert [r["output"] for r in read_table(tmp_path / "out" / "index.tsv")] == ["P01_ok.npy"]
