@@ -640,7 +640,49 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown_flags:
         parser.error(f"unrecognized arguments: {' '.join(unknown_flags)}")
+    for group in parsed:
+        for name, lowest in ARGUMENT_MINIMUMS.items():
+            value = getattr(group, name, None)
+            if value is not None and value < lowest:
+                parser.error(f"--{name} must be at least {lowest}, not {value}")
     return parsed
+
+
+# Flags whose smaller values would crash a run hours in (or silently do nothing), checked at parse time.
+ARGUMENT_MINIMUMS = {
+    "max_train_steps": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+    "logging_steps": 1, "warmup_steps": 0, "eval_steps": 0, "save_steps": 0, "num_workers": 0, "save_total_limit": 1,
+    "max_crop_retries": 0, "epoch_multiplier": 1, "dev_crops_per_file": 1, "num_negatives": 1, "max_grad_norm": 0,
+}
+
+
+def load_feature_extractor(source: str):
+    """The model's preprocessor; without a preprocessor_config.json, wav2vec2's usual one, with an
+    attention mask exactly for layer-norm models (large, robust, XLS-R), as their own configs have."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
+
+    try:
+        return Wav2Vec2FeatureExtractor.from_pretrained(source)
+    except OSError:
+        attention_mask = Wav2Vec2Config.from_pretrained(source).feat_extract_norm == "layer"
+        logger.warning("no preprocessor_config.json in %s: using 16 kHz, normalised input, attention mask %s", source, attention_mask)
+        return Wav2Vec2FeatureExtractor(sampling_rate=TARGET_SAMPLE_RATE, do_normalize=True, return_attention_mask=attention_mask)
+
+
+def hub_base_model(name: str) -> str:
+    """`name` when it reads as a hub id (a model card's base_model must be one), else ''."""
+    if name.startswith("random init") or Path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return ""
+    return name
+
+
+def gather_unreadable(accelerator, local: set[str]) -> set[str]:
+    """The union of every process's unreadable files (each process meets its own)."""
+    if accelerator.num_processes == 1:
+        return set(local)
+    from accelerate.utils import gather_object
+
+    return set().union(*gather_object([sorted(local)]))
 
 
 def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop: float):
@@ -698,7 +740,8 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        # original0 is the magnitude of the positional convolution's weight norm, a norm parameter too.
+        (no_decay if param.ndim < 2 or "norm" in name.lower() or name.endswith("original0") else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -817,7 +860,9 @@ def push_folder_to_hub(folder, repo_id: str, commit_message: str = "Upload model
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, ignore_patterns=["checkpoints/*", "*.tmp"])
+        # Manifests and the run's arguments hold participant ids and local paths of sensitive recordings.
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                          ignore_patterns=["checkpoints/*", "*.tmp", "manifests/*", "training_args.json", "best/*", ".final/*"])
     except Exception as error:
         logger.error("push to the hub failed (%s); the model is complete in %s, push it later with `hf upload %s %s`", error, folder, repo_id, folder)
         return False

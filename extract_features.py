@@ -93,9 +93,9 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import AutoConfig, Wav2Vec2Model
 
-from common import TARGET_SAMPLE_RATE, find_audio_files, normalize_waveform, read_mono, read_tsv, source_window, target_length, write_tsv
+from common import TARGET_SAMPLE_RATE, find_audio_files, load_feature_extractor, normalize_waveform, read_mono, read_tsv, source_window, target_length, write_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -626,11 +626,7 @@ def main(argv=None) -> dict:
         layers = list(range(config.num_hidden_layers + 1)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
         if max(layers) > config.num_hidden_layers:
             raise SystemExit(f"error: --layers {args.layers}: the model has hidden states 0..{config.num_hidden_layers}")
-    try:
-        feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(args.model_name_or_path)
-    except OSError:
-        feature_extractor = Wav2Vec2FeatureExtractor(do_normalize=True)
-        logger.warning("%s has no preprocessor_config.json: normalising each window, as wav2vec2-base does", args.model_name_or_path)
+    feature_extractor = load_feature_extractor(args.model_name_or_path)
     if feature_extractor.sampling_rate != TARGET_SAMPLE_RATE:
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path} expects {feature_extractor.sampling_rate} Hz audio; only {TARGET_SAMPLE_RATE} Hz models are supported")
     model = Wav2Vec2Model.from_pretrained(args.model_name_or_path, dtype=DTYPES[args.dtype])

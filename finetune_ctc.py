@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from common import (
@@ -63,7 +63,10 @@ from common import (
     append_jsonl,
     hardware_description,
     load_audio,
+    gather_unreadable,
+    hub_base_model,
     load_checkpoint,
+    load_feature_extractor,
     make_accelerator,
     normalize_waveform,
     optimizer_param_groups,
@@ -86,7 +89,9 @@ logger = logging.getLogger("finetune_ctc")
 PAD, UNK, WORD_DELIMITER = "[PAD]", "[UNK]", "|"
 # Punctuation that carries no sound. '|' is the tokenizer's word delimiter (and a common stand-in
 # for the Devanagari danda), so it must not stay in a transcript.
-DEFAULT_CHARS_TO_IGNORE = ",?.!-;:\"“”‘’«»%…¿¡()[]{}|।॥�"
+DEFAULT_CHARS_TO_IGNORE = ",?.!-;:\"“”«»%…¿¡()[]{}|।॥�"
+# Typographic apostrophes are the same letter as the typed one: "don’t" and "don't" must not differ.
+APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'"})
 MANIFEST_COLUMNS = ["path", "text", "participant", "start", "end"]
 
 
@@ -149,7 +154,7 @@ def normalize_text(text: str, chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE, lo
     NFC keeps Devanagari intact: vowel signs, virama and nukta stay as they are in composed text
     (precomposed nukta letters such as U+0958 become letter + nukta, their canonical NFC form).
     """
-    text = unicodedata.normalize("NFC", text.lower() if lowercase else text)
+    text = unicodedata.normalize("NFC", text.lower() if lowercase else text).translate(APOSTROPHES)
     ignore = set(unicodedata.normalize("NFC", chars_to_ignore))
     if ignore:
         text = "".join(c for c in text if c not in ignore)
@@ -538,14 +543,6 @@ def check_ctc_head(source: str, config, tokenizer, new_ctc_head: bool) -> None:
         )
 
 
-def load_feature_extractor(source: str) -> Wav2Vec2FeatureExtractor:
-    try:
-        return Wav2Vec2FeatureExtractor.from_pretrained(source)
-    except OSError:
-        logger.warning("no preprocessor_config.json in %s: using wav2vec2-base's (16 kHz, normalised, no attention mask)", source)
-        return Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False)
-
-
 def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str] | None = None) -> None:
     """save_pretrained into a temporary sibling, then one rename: never half a model on disk."""
     tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
@@ -578,7 +575,7 @@ def main(argv=None):
     accelerator, trackers = make_accelerator(train_args, output_dir, model_args.layerdrop)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)  # one copy of the progress messages, from the main process
-    set_seed(train_args.seed)
+    set_seed(train_args.seed, device_specific=True)  # SpecAugment spans and dropout differ between processes
 
     # ------------------------------------------------------------------ data and vocabulary
     model_source = model_args.config_name or model_args.model_name_or_path
@@ -840,8 +837,8 @@ def main(argv=None):
                 if empty:
                     loss_sum = loss_sum * 0.0
                 accelerator.backward(loss_sum * loss_scale)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                if accelerator.sync_gradients:  # --max_grad_norm 0: no clipping, the norm is still logged
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not empty:
@@ -856,12 +853,13 @@ def main(argv=None):
 
         if step % train_args.logging_steps == 0 or step == train_args.max_train_steps:
             totals = accelerator.reduce(window, reduction="sum")
+            unreadable = gather_unreadable(accelerator, unreadable)
             elapsed = time.time() - window_start
             record = {
                 "step": step,
                 "loss": (totals[0] / totals[1].clamp(min=1)).item(),
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,  # None: an fp16 overflow step
                 "epoch": position["epoch"] + position["batch_in_epoch"] / plan.batches_per_epoch,
                 "audio_seconds_per_second": (totals[2] / TARGET_SAMPLE_RATE / max(elapsed, 1e-9)).item(),
                 "padding_fraction": (totals[3] / (totals[2] + totals[3]).clamp(min=1)).item(),
@@ -886,6 +884,7 @@ def main(argv=None):
 
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
+            unreadable = gather_unreadable(accelerator, unreadable)
             save_checkpoint(accelerator, output_dir, step, {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab},
                             train_args.save_total_limit)
         if preempted:
@@ -898,6 +897,7 @@ def main(argv=None):
     if dev_rows and last_eval is None:  # nothing trained (resumed at the end): still score the model
         last_eval = evaluate(step)
         save_if_best(last_eval)
+    unreadable = gather_unreadable(accelerator, unreadable)
     if unreadable:
         logger.warning("%d unreadable file(s) were skipped: %s", len(unreadable), ", ".join(sorted(unreadable)[:10]))
     accelerator.wait_for_everyone()
@@ -952,19 +952,22 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     data_source = f"`{data_args.dataset_name}` ({data_args.train_split_name})" if data_args.dataset_name else f"`{data_args.train_manifest}`"
     chosen = (f"The weights are those of step {results['model_step']:,} of {results['train_steps']:,}: the evaluation with the lowest dev WER."
               if results["wer"] is not None else f"The weights are those of the last step ({results['train_steps']:,}); there was no dev set.")
+    # The Hub refuses a card whose model-index lacks a dataset or has empty metrics.
+    model_index = "" if results["wer"] is None else f"""model-index:
+- name: {Path(train_args.output_dir).name}
+  results:
+  - task: {{type: automatic-speech-recognition, name: Speech Recognition}}
+    dataset: {{type: {data_args.dataset_name or "local"}, name: {json.dumps(data_args.dataset_name or "dev set (local manifest)")}, split: {data_args.eval_split_name if data_args.dataset_name else "dev"}}}
+    metrics:
+    - {{type: wer, value: {results["wer"]:.4f}, name: Dev WER}}
+    - {{type: cer, value: {results["cer"]:.4f}, name: Dev CER}}
+"""
     return f"""---
 library_name: transformers
 pipeline_tag: automatic-speech-recognition
 tags: [wav2vec2, audio, speech, automatic-speech-recognition, ctc]
-base_model: {base_model if not base_model.startswith("random init") else ""}
-model-index:
-- name: {Path(train_args.output_dir).name}
-  results:
-  - task: {{type: automatic-speech-recognition}}
-    metrics:
-    - {{type: wer, value: {results["wer"] if results["wer"] is not None else "null"}}}
-    - {{type: cer, value: {results["cer"] if results["cer"] is not None else "null"}}}
----
+base_model: {hub_base_model(base_model)}
+{model_index}---
 # {Path(train_args.output_dir).name}: wav2vec 2.0 + CTC speech recognition
 
 **{base_model}** fine-tuned with a character CTC head ({results["vocab_size"]} tokens) by `finetune_ctc.py`.

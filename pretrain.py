@@ -13,6 +13,7 @@ A YAML recipe may come first; flags after it override it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, get_scheduler
+from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from common import (
@@ -32,7 +34,10 @@ from common import (
     TrainingArguments,
     append_jsonl,
     hardware_description,
+    gather_unreadable,
+    hub_base_model,
     load_checkpoint,
+    load_feature_extractor,
     make_accelerator,
     optimizer_param_groups,
     parse_args_with_recipe,
@@ -142,8 +147,8 @@ def apply_config_overrides(config, overrides: str | None) -> None:
         key, _, value = item.partition("=")
         if not hasattr(config, key):
             raise SystemExit(f"error: --config_overrides: the model config has no field {key!r}")
-        old = getattr(config, key)
-        setattr(config, key, type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else value)
+        old, new = getattr(config, key), yaml.safe_load(value)  # 0.1 -> float, false -> bool, null -> None
+        setattr(config, key, type(old)(new) if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float)) else new)
 
 
 def load_rows(data: DataArguments, output_dir: Path, is_main: bool):
@@ -180,14 +185,23 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # ------------------------------------------------------------------ config, accelerator
-    config = Wav2Vec2Config.from_pretrained(model_args.config_name or model_args.model_name_or_path)
+    model_source = model_args.config_name or model_args.model_name_or_path
+    try:
+        config = Wav2Vec2Config.from_pretrained(model_source)
+    except OSError as error:
+        raise SystemExit(f"error: cannot load a wav2vec2 config from {model_source!r} (--config_name / --model_name_or_path): {error}") from None
     apply_config_overrides(config, model_args.config_overrides)
+    if objective.mask_time_prob <= 0:
+        raise SystemExit("error: --mask_time_prob must be above 0: the contrastive task predicts masked frames")
+    # The objective is ours, whatever the checkpoint's config says: time masks from the workers
+    # (the model only applies them with apply_spec_augment), no feature masking.
+    config.apply_spec_augment, config.mask_time_prob, config.mask_feature_prob = True, objective.mask_time_prob, 0.0
     accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
     set_seed(train_args.seed)
 
     # ------------------------------------------------------------------ data
     num_frames = feature_frames(config, int(round(data_args.crop_seconds * 16000)))
-    feature_extractor = _feature_extractor(model_args.config_name or model_args.model_name_or_path)
+    feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
     try:
         train_sources, train_names, dev_rows = load_rows(data_args, output_dir, accelerator.is_main_process)
         transform = MaskAndNegatives(num_frames, objective.mask_time_prob, objective.mask_time_length, objective.num_negatives)
@@ -212,10 +226,10 @@ def main(argv=None):
         model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation=model_args.attn_implementation)
         base_model, from_scratch = f"random init from {model_args.config_name}", True
     else:
+        # config=config: overrides such as dropout rates must be in place when the modules are built.
         model, loading_info = Wav2Vec2ForPreTraining.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, output_loading_info=True
+            model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation, output_loading_info=True
         )
-        apply_config_overrides(model.config, model_args.config_overrides)
         config = model.config
         base_model, from_scratch = model_args.model_name_or_path, False
         fresh_heads = [k for k in loading_info["missing_keys"] if k.startswith(("quantizer", "project_q", "project_hid"))]
@@ -329,8 +343,8 @@ def main(argv=None):
                 out = model(**inputs)
                 penalty = feature_penalty(cnn_output.pop("features"), inputs["mask_time_indices"]) if use_feature_penalty else torch.zeros((), device=accelerator.device)
                 accelerator.backward((out.loss + objective.feature_penalty_weight * penalty) * loss_scale)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                if accelerator.sync_gradients:  # --max_grad_norm 0: no clipping, the norm is still logged
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window += torch.stack([out.loss.detach().float(), out.contrastive_loss.detach().float(), out.diversity_loss.detach().float(),
@@ -344,7 +358,8 @@ def main(argv=None):
         if step % train_args.logging_steps == 0 or step == train_args.max_train_steps:
             totals = accelerator.reduce(window, reduction="sum")
             stream = stream_totals(worker_stats)
-            stream_global = accelerator.reduce(torch.tensor([stream.get("crops", 0), stream.get("retries", 0), stream.get("all_silent", 0), len(unreadable)], device=accelerator.device, dtype=torch.float64), reduction="sum")
+            unreadable = gather_unreadable(accelerator, unreadable)
+            stream_global = accelerator.reduce(torch.tensor([stream.get("crops", 0), stream.get("retries", 0), stream.get("all_silent", 0)], device=accelerator.device, dtype=torch.float64), reduction="sum")
             elapsed = time.time() - window_start
             record = {
                 "step": step,
@@ -357,12 +372,12 @@ def main(argv=None):
                 "masked_fraction": (totals[3] / totals[4]).item(),
                 "gumbel_temperature": temperature,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if train_args.max_grad_norm > 0 else None,
+                "grad_norm": float(grad_norm) if math.isfinite(grad_norm) else None,  # an fp16 overflow step
                 "audio_seconds_per_second": crop_seconds_per_update * window_steps / max(elapsed, 1e-9),
                 "epoch": position["epoch"],
                 "crops_redrawn_silent": int(stream_global[1]),
                 "crops_all_silent": int(stream_global[2]),
-                "skipped_files": int(stream_global[3]),
+                "skipped_files": len(unreadable),
             }
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
@@ -380,6 +395,7 @@ def main(argv=None):
 
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
+            unreadable = gather_unreadable(accelerator, unreadable)
             save_checkpoint(accelerator, output_dir, step, {**position, "unreadable": sorted(unreadable)}, train_args.save_total_limit)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
@@ -388,6 +404,7 @@ def main(argv=None):
     progress.close()
 
     # ------------------------------------------------------------------ save
+    unreadable = gather_unreadable(accelerator, unreadable)
     if unreadable:
         logger.warning("%d unreadable file(s) were skipped: %s", len(unreadable), ", ".join(sorted(unreadable)[:10]))
     accelerator.wait_for_everyone()
@@ -403,14 +420,6 @@ def main(argv=None):
             push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"wav2vec2 pretraining, step {step}")
     accelerator.end_training()
     return output_dir
-
-
-def _feature_extractor(name_or_path: str) -> Wav2Vec2FeatureExtractor:
-    try:
-        return Wav2Vec2FeatureExtractor.from_pretrained(name_or_path)
-    except OSError:
-        logger.warning("no preprocessor_config.json in %s: using wav2vec2-base's (16 kHz, normalised, no attention mask)", name_or_path)
-        return Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False)
 
 
 def feature_frames(config, num_samples: int) -> int:
@@ -501,7 +510,7 @@ def model_card(model, base_model, train_sources, train_names, dev_rows, data_arg
     return f"""---
 library_name: transformers
 tags: [wav2vec2, audio, speech, self-supervised, pretraining]
-base_model: {base_model if not base_model.startswith("random init") else ""}
+base_model: {hub_base_model(base_model)}
 ---
 # wav2vec 2.0 self-supervised pretraining: {Path(train_args.output_dir).name}
 

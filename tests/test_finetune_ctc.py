@@ -101,6 +101,12 @@ def test_tiny_model_learns_the_synthetic_alphabet(trained):
     card = (trained / "README.md").read_text()
     assert f"| {results['wer']:.4f} | {results['cer']:.4f} | 100 |" in card
     assert "Wav2Vec2ForCTC.from_pretrained" in card and "transformers" in card.lower()
+    from huggingface_hub import ModelCard  # the Hub's own parser: it refuses cards whose model-index it cannot read
+
+    metadata = ModelCard.load(trained / "README.md").data
+    assert [(r.metric_type, r.metric_value) for r in metadata.eval_results] == [("wer", round(results["wer"], 4)), ("cer", round(results["cer"], 4))]
+    assert all(r.dataset_name and r.task_type == "automatic-speech-recognition" for r in metadata.eval_results)
+    assert not metadata.base_model  # a local folder is no hub id
     assert not (trained / "best").exists()
 
 
@@ -237,6 +243,7 @@ def test_normalisation_and_tokenizer_round_trip_hindi_and_english(tmp_path, tiny
     english_raw = "Hello, World!\tIt's   the END."
     hindi, english = normalize_text(hindi_raw), normalize_text(english_raw)
     assert english == "hello world it's the end"
+    assert normalize_text("Don’t ‘stop’") == normalize_text("Don't 'stop'") == "don't 'stop'"
     assert hindi == unicodedata.normalize("NFC", "नमस्ते दुनिया \u0915\u093cिला और ज़रूर प्रेम कृष्ण")
     for sign in ("\u094d", "\u093c", "\u0947", "\u093e", "\u0943"):  # virama, nukta, vowel signs e, aa, vocalic r
         assert sign in hindi

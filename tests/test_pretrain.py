@@ -288,6 +288,44 @@ def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
     assert model.config.do_stable_layer_norm
 
 
+def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, monkeypatch, caplog):
+    """From a saved Wav2Vec2ForPreTraining: overrides reach the built modules, the objective's
+    config is ours, the Gumbel schedule starts at its floor; a CTC checkpoint is warned about."""
+    import accelerate
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining
+
+    import pretrain
+
+    start = tmp_path / "start"
+    config = Wav2Vec2Config.from_pretrained(tiny_base_dir, apply_spec_augment=False, mask_feature_prob=0.3)
+    Wav2Vec2ForPreTraining(config).save_pretrained(start)
+    Wav2Vec2FeatureExtractor.from_pretrained(tiny_base_dir).save_pretrained(start)
+    built = {}
+    original_prepare = accelerate.Accelerator.prepare
+
+    def prepare(self, *objects, **kwargs):
+        built.setdefault("model", objects[0])
+        return original_prepare(self, *objects, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare)
+    out = tmp_path / "continued"
+    args = base_args(corpus, out, tiny_base_dir, max_train_steps=2, config_overrides="hidden_dropout=0.25,layerdrop=0")
+    args[args.index("--config_name")] = "--model_name_or_path"
+    args[args.index("--model_name_or_path") + 1] = str(start)
+    pretrain.main(args)
+    model = built["model"]
+    assert model.wav2vec2.encoder.dropout.p == 0.25  # the module, not only the saved config
+    assert model.config.apply_spec_augment and model.config.mask_feature_prob == 0.0
+    assert [r["gumbel_temperature"] for r in log_rows(out) if "loss" in r] == [0.5, 0.5]
+    assert "has no pretraining heads" not in caplog.text
+
+    ctc_start = tmp_path / "ctc"
+    Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(tiny_base_dir, vocab_size=12)).save_pretrained(ctc_start)
+    args[args.index("--model_name_or_path") + 1], args[args.index("--output_dir") + 1] = str(ctc_start), str(tmp_path / "from-ctc")
+    pretrain.main(args)
+    assert "has no pretraining heads" in caplog.text and "quantizer" in caplog.text
+
+
 def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, tiny_base_dir, monkeypatch):
     import huggingface_hub
 
@@ -300,6 +338,7 @@ def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, t
 
     def failing_upload(self, folder_path, **kwargs):
         seen["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        seen["ignored"] = kwargs.get("ignore_patterns", [])
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
@@ -308,6 +347,7 @@ def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, t
     pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=2) + ["--push_to_hub", "--hub_model_id", "lab/home-w2v2"])
     assert seen["repo_id"] == "lab/home-w2v2"
     assert {"README.md", "model.safetensors", "config.json", "preprocessor_config.json", "loss_curve.png"} <= set(seen["files"])
+    assert {"checkpoints/*", "manifests/*", "training_args.json"} <= set(seen["ignored"])  # participant ids and local paths stay home
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
