@@ -360,6 +360,10 @@ def prepare_manifests(audio_dir, output_dir, participant_regex=DEFAULT_PARTICIPA
     """Scan, validate, split by participant and write train.tsv, dev.tsv, invalid.tsv, summary.json."""
     valid, invalid = scan_audio_folder(audio_dir, participant_regex, min_seconds)
     train, dev = split_by_participant(valid, dev_fraction, seed)
+    return write_manifests(output_dir, train, dev, invalid)
+
+
+def write_manifests(output_dir, train: list[dict], dev: list[dict], invalid: list[dict]) -> dict:
     output_dir = Path(output_dir)
     write_tsv(output_dir / "train.tsv", train, MANIFEST_COLUMNS)
     write_tsv(output_dir / "dev.tsv", dev, MANIFEST_COLUMNS)

@@ -33,8 +33,8 @@ from common import (
     StopSignal,
     TrainingArguments,
     append_jsonl,
-    hardware_description,
     gather_unreadable,
+    hardware_description,
     hub_base_model,
     load_checkpoint,
     load_feature_extractor,
@@ -52,8 +52,7 @@ from common import (
     split_by_participant,
     start_train_log,
     stream_totals,
-    write_tsv,
-    MANIFEST_COLUMNS,
+    write_manifests,
 )
 
 logger = logging.getLogger("pretrain")
@@ -151,16 +150,17 @@ def apply_config_overrides(config, overrides: str | None) -> None:
         setattr(config, key, type(old)(new) if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float)) else new)
 
 
-def load_rows(data: DataArguments, output_dir: Path, is_main: bool):
+def load_rows(data: DataArguments, output_dir: Path, is_main: bool, seed: int):
     """Returns ([(train rows, weight)], train names, dev rows or None)."""
     if data.audio_dir:
+        if data.train_manifest or data.dev_manifest:
+            raise ValueError("give either --audio_dir or --train_manifest/--dev_manifest, not both")
         valid, invalid = scan_audio_folder(data.audio_dir, data.participant_regex)
         for bad in invalid:
             logger.warning("leaving out %s: %s", bad["path"], bad["reason"])
-        train, dev = split_by_participant(valid, data.dev_fraction)
-        if is_main:  # keep the split that was used, for the model card and for reruns
-            write_tsv(output_dir / "manifests" / "train.tsv", train, MANIFEST_COLUMNS)
-            write_tsv(output_dir / "manifests" / "dev.tsv", dev, MANIFEST_COLUMNS)
+        train, dev = split_by_participant(valid, data.dev_fraction, seed)
+        if is_main:  # the split that was used, as data/prepare_manifest.py writes it, for the card and for reruns
+            write_manifests(output_dir / "manifests", train, dev, invalid)
         return [(train, 1.0)], [f"--audio_dir {data.audio_dir} (train split)"], dev or None
     if not data.train_manifest:
         raise ValueError("give --train_manifest (TSV from data/prepare_manifest.py) or --audio_dir")
@@ -203,7 +203,7 @@ def main(argv=None):
     num_frames = feature_frames(config, int(round(data_args.crop_seconds * 16000)))
     feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
     try:
-        train_sources, train_names, dev_rows = load_rows(data_args, output_dir, accelerator.is_main_process)
+        train_sources, train_names, dev_rows = load_rows(data_args, output_dir, accelerator.is_main_process, train_args.seed)
         transform = MaskAndNegatives(num_frames, objective.mask_time_prob, objective.mask_time_length, objective.num_negatives)
         stream_options = dict(crop_seconds=data_args.crop_seconds, min_rms=data_args.min_rms, max_crop_retries=data_args.max_crop_retries,
                               normalize=feature_extractor.do_normalize, rank=accelerator.process_index,

@@ -326,6 +326,22 @@ def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, mon
     assert "has no pretraining heads" in caplog.text and "quantizer" in caplog.text
 
 
+def test_audio_dir_is_scanned_split_by_participant_and_kept(corpus, tmp_path, tiny_base_dir):
+    import pretrain
+
+    out = tmp_path / "from-folder"
+    args = base_args(corpus, out, tiny_base_dir, max_train_steps=2, dev_fraction=0.3, seed=3)
+    del args[args.index("--train_manifest") : args.index("--train_manifest") + 2]
+    pretrain.main(args + ["--audio_dir", str(corpus.parent / "audio")])
+    manifests = out / "manifests"
+    summary = json.loads((manifests / "summary.json").read_text())
+    assert summary["train"]["files"] + summary["dev"]["files"] == 6 and summary["dev"]["files"] >= 1
+    train = {line.split("\t")[1] for line in (manifests / "train.tsv").read_text().splitlines()[1:]}
+    dev = {line.split("\t")[1] for line in (manifests / "dev.tsv").read_text().splitlines()[1:]}
+    assert train and dev and not train & dev
+    assert (manifests / "invalid.tsv").is_file() and [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2]
+
+
 def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, tiny_base_dir, monkeypatch):
     import huggingface_hub
 
@@ -354,7 +370,8 @@ def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, t
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["missing_manifest", "empty_split", "crop_too_long", "bad_flag", "bad_recipe_key"])
+@pytest.mark.parametrize("case", ["missing_manifest", "empty_split", "crop_too_long", "bad_flag", "bad_recipe_key",
+                                  "zero_logging_steps", "bad_model_path", "audio_dir_and_manifest"])
 def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     import pretrain
 
@@ -373,6 +390,15 @@ def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     elif case == "bad_flag":
         args += ["--mask_prob", "0.5"]
         expected = "unrecognized arguments: --mask_prob"
+    elif case == "zero_logging_steps":
+        args += ["--logging_steps", "0"]
+        expected = "--logging_steps must be at least 1, not 0"
+    elif case == "bad_model_path":
+        args[args.index("--config_name") + 1] = str(tmp_path / "no-model")
+        expected = f"cannot load a wav2vec2 config from {str(tmp_path / 'no-model')!r}"
+    elif case == "audio_dir_and_manifest":
+        args += ["--audio_dir", str(corpus.parent / "audio")]
+        expected = "either --audio_dir or --train_manifest/--dev_manifest, not both"
     else:
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text("learning_rate: 0.001\nmask_prob: 0.5\n")
