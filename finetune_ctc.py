@@ -543,6 +543,10 @@ def check_ctc_head(source: str, config, tokenizer, new_ctc_head: bool) -> None:
         )
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str] | None = None) -> None:
     """save_pretrained into a temporary sibling, then one rename: never half a model on disk."""
     tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
@@ -904,16 +908,20 @@ def main(argv=None):
     if accelerator.is_main_process:
         # The model with the lowest dev WER is the result: its folder is moved into place. Without
         # one (no dev set, or a run resumed from another output folder) the last model is.
-        best_folder = output_dir / "best"
-        kept = best if best and best_folder.is_dir() else last_eval
-        source = best_folder if best and best_folder.is_dir() else output_dir / ".final"
-        if source.name == ".final":
-            save_model_folder(source, unwrapped, processor)
-        for item in source.iterdir():
-            if (output_dir / item.name).is_dir():
-                shutil.rmtree(output_dir / item.name)
-            os.replace(item, output_dir / item.name)
-        source.rmdir()
+        # A finished run resumed again (a resubmitted job script) finds its best model already in
+        # place, moved there at the end of the first completion: it stays.
+        best_folder, earlier = output_dir / "best", read_json(output_dir / "eval_results.json")
+        best_in_place = bool(best) and not best_folder.is_dir() and earlier.get("model_step") == best["step"] and (output_dir / "model.safetensors").is_file()
+        kept = best if best and (best_folder.is_dir() or best_in_place) else last_eval
+        source = None if best_in_place else best_folder if best and best_folder.is_dir() else output_dir / ".final"
+        if source is not None:
+            if source.name == ".final":
+                save_model_folder(source, unwrapped, processor)
+            for item in source.iterdir():
+                if (output_dir / item.name).is_dir():
+                    shutil.rmtree(output_dir / item.name)
+                os.replace(item, output_dir / item.name)
+            source.rmdir()
         results = {"wer": None, "cer": None, "model_step": step}
         if kept:
             results = {"wer": kept["eval_wer"], "cer": kept["eval_cer"], "model_step": kept["step"],

@@ -187,6 +187,26 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
     assert json.loads((first / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
 
 
+def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp_path):
+    """A job script that always passes --resume_from_checkpoint latest runs again after the run has
+    finished: the best model already in OUTPUT_DIR must not be replaced by the last checkpoint's."""
+    from safetensors.torch import load_file, save_file
+
+    train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 24)
+    dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 8)
+    out = tmp_path / "run"
+    args = [*flags(model_name_or_path=pretrained, train_manifest=train, eval_manifest=dev, max_train_steps=2, per_device_train_batch_size=4,
+                   eval_steps=1, save_steps=2, logging_steps=1, num_workers=0, report_to="none"), "--output_dir", out, "--resume_from_checkpoint", "latest"]
+    run_script(*args)
+    results = json.loads((out / "eval_results.json").read_text())
+    weights = load_file(out / "model.safetensors")
+    marked = {k: v + 1.0 if k == "lm_head.bias" else v for k, v in weights.items()}  # tells this file from any re-save
+    save_file(marked, out / "model.safetensors", metadata={"format": "pt"})
+    run_script(*args)
+    assert torch.equal(load_file(out / "model.safetensors")["lm_head.bias"], marked["lm_head.bias"])
+    assert json.loads((out / "eval_results.json").read_text())["model_step"] == results["model_step"]
+
+
 # --------------------------------------------------------------------------------------------- datasets
 
 
