@@ -83,6 +83,7 @@ import os
 import re
 import struct
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -586,7 +587,9 @@ def region_seconds(job: Job) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # accelerate forms a group of CPU processes (torchrun without GPUs) only when told it is on CPU.
-    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # Processes that finish their share early wait for the slowest at the end, which on a large
+    # corpus can take hours: far past the process group's default timeout (10-30 minutes).
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(days=7))
     if int(os.environ.get("WORLD_SIZE", "1")) != state.num_processes:
         raise SystemExit(f"error: launched as {os.environ['WORLD_SIZE']} processes, but accelerate sees {state.num_processes}; for CPU processes set ACCELERATE_USE_CPU=1")
     device = torch.device(args.device) if args.device else state.device

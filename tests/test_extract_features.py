@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ import extract_features as ef
 from common import load_audio
 
 SR = 16_000
+REPO = Path(__file__).resolve().parent.parent
 
 
 def save_model(config_dir, folder, do_normalize=True, **config_overrides):
@@ -313,6 +315,22 @@ def test_processes_split_the_files_and_the_main_process_merges_the_index(models,
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     for i in range(5):
         np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-6)
+
+
+def test_two_real_processes_under_torchrun(models, tmp_path):
+    """The same split as above with real processes (gloo on CPU): barriers, the index merge."""
+    for i, seconds in enumerate([3, 1, 2]):
+        write_signal(tmp_path / "audio" / f"r{i}.wav", steady(seconds, seed=40 + i), SR)
+    extract(models["base"], tmp_path / "single", tmp_path / "audio")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(REPO / "extract_features.py"), "--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "split"),
+               "--num_workers", "0", str(tmp_path / "audio")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_table(tmp_path / "split" / "index.tsv") == read_table(tmp_path / "single" / "index.tsv")
+    for i in range(3):
+        np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -187,6 +187,25 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
     assert json.loads((first / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
 
 
+def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(labelled, pretrained, tmp_path):
+    """torchrun with 2 CPU processes (gloo): an odd dev set is split unevenly and gathered whole."""
+    train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 32)
+    dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 9)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532", str(REPO / "finetune_ctc.py"),
+               *flags(model_name_or_path=pretrained, train_manifest=train, eval_manifest=dev, max_train_steps=3, per_device_train_batch_size=4,
+                      per_device_eval_batch_size=2, eval_steps=3, save_steps=0, logging_steps=1, num_workers=0, report_to="none", layerdrop=0.5),
+               "--output_dir", str(out)]
+    result = subprocess.run(command, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_utterances"] == results["dev_utterances"] == 9
+    assert results["eval_chars"] == sum(len(line.split("\t")[1]) for line in dev.read_text().splitlines()[1:])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert all(r["utterances_per_update"] == 8 for r in log if "loss" in r)  # 2 processes x 4
+
+
 def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp_path):
     """A job script that always passes --resume_from_checkpoint latest runs again after the run has
     finished: the best model already in OUTPUT_DIR must not be replaced by the last checkpoint's."""
