@@ -773,7 +773,7 @@ def resolve_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path |
     return path
 
 
-def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, save_total_limit: int | None = None) -> Path:
+def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, train_args: TrainingArguments) -> Path:
     """accelerator.save_state into a temporary folder, then an atomic rename; prune the oldest.
 
     A crash at any moment leaves either the previous checkpoints or the new one complete; the
@@ -790,22 +790,36 @@ def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, sa
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state_file = tmp / "training_state.json"
-        state_file.write_text(json.dumps({**training_state, "step": step}, indent=2) + "\n")
+        state_file.write_text(json.dumps({**training_state, "step": step, "run_shape": run_shape(accelerator, train_args)}, indent=2) + "\n")
         _fsync_file(state_file)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        if train_args.save_total_limit:
+            for old in list_checkpoints(output_dir)[:-train_args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator, path: Path, train_args: TrainingArguments) -> dict:
+    """Restore the checkpoint; warn loudly when the run resumes with another process count, batch
+    size, accumulation or seed: its data position then points at other data."""
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / "training_state.json").read_text())
+    state = json.loads((Path(path) / "training_state.json").read_text())
+    saved, current = state.get("run_shape"), run_shape(accelerator, train_args)
+    if saved and saved != current:
+        changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value)
+        logger.warning("%s\nresuming %s with %s: the run continues, but not exactly where it stopped (other crops or "
+                       "batches from here on)\n%s", "!" * 80, path, changed, "!" * 80)
+    return state
+
+
+def run_shape(accelerator, train_args: TrainingArguments) -> dict:
+    """What the data position in a checkpoint depends on."""
+    return {"num_processes": accelerator.num_processes, "per_device_train_batch_size": train_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": train_args.gradient_accumulation_steps, "seed": train_args.seed}
 
 
 def _fsync_file(path: Path) -> None:

@@ -731,7 +731,7 @@ def main(argv=None):
     start_step, state = 0, {}
     checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, train_args)
         if state.get("vocab") != vocab:
             raise SystemExit(f"error: vocabulary mismatch: {checkpoint} was trained with another vocabulary "
                              f"({len(state.get('vocab') or {})} tokens, this run builds {len(vocab)}): did the transcripts or --chars_to_ignore change?")
@@ -889,8 +889,7 @@ def main(argv=None):
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             unreadable = gather_unreadable(accelerator, unreadable)
-            save_checkpoint(accelerator, output_dir, step, {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab},
-                            train_args.save_total_limit)
+            save_checkpoint(accelerator, output_dir, step, {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab}, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             accelerator.end_training()

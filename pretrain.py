@@ -281,7 +281,7 @@ def main(argv=None):
     start_step, stream_state = 0, {}
     checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, train_args)
         start_step, stream_state = state["step"], state
         train_stream.start_at(state["epoch"], state["batch_in_epoch"])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, start_step, state["epoch"], state["batch_in_epoch"])
@@ -396,7 +396,7 @@ def main(argv=None):
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             unreadable = gather_unreadable(accelerator, unreadable)
-            save_checkpoint(accelerator, output_dir, step, {**position, "unreadable": sorted(unreadable)}, train_args.save_total_limit)
+            save_checkpoint(accelerator, output_dir, step, {**position, "unreadable": sorted(unreadable)}, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             accelerator.end_training()

@@ -342,6 +342,18 @@ def test_audio_dir_is_scanned_split_by_participant_and_kept(corpus, tmp_path, ti
     assert (manifests / "invalid.tsv").is_file() and [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2]
 
 
+def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny_base_dir, caplog):
+    import pretrain
+
+    out = tmp_path / "reshaped"
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=2, save_steps=2))
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["run_shape"] == {"num_processes": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "seed": 0}
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=3, per_device_train_batch_size=2, resume_from_checkpoint="latest"))
+    assert "per_device_train_batch_size 4 -> 2" in caplog.text and "not exactly where it stopped" in caplog.text
+    assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
+
+
 def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, tiny_base_dir, monkeypatch):
     import huggingface_hub
 
