@@ -80,7 +80,7 @@ def trained(labelled, pretrained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ctc")
     run_script(REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml", *flags(
         model_name_or_path=pretrained, train_manifest=labelled / "train.tsv", eval_manifest=labelled / "dev.tsv",
-        output_dir=out, eval_steps=150, save_steps=0, logging_steps=50, num_workers=1))
+        output_dir=out, eval_steps=150, save_steps=0, logging_steps=50, num_workers=1, max_train_steps=300))
     return out
 
 
