@@ -969,12 +969,13 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     - {{type: wer, value: {results["wer"]:.4f}, name: Dev WER}}
     - {{type: cer, value: {results["cer"]:.4f}, name: Dev CER}}
 """
+    hub_id = hub_base_model(base_model)
+    base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
     return f"""---
 library_name: transformers
 pipeline_tag: automatic-speech-recognition
 tags: [wav2vec2, audio, speech, automatic-speech-recognition, ctc]
-base_model: {hub_base_model(base_model)}
-{model_index}---
+{base_model_line}{model_index}---
 # {Path(train_args.output_dir).name}: wav2vec 2.0 + CTC speech recognition
 
 **{base_model}** fine-tuned with a character CTC head ({results["vocab_size"]} tokens) by `finetune_ctc.py`.

@@ -507,11 +507,12 @@ def model_card(model, base_model, train_sources, train_names, dev_rows, data_arg
     effective_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps * num_processes
     versions = software_versions()
     mixing = ", ".join(f"{n} (weight {w})" for n, (_, w) in zip(train_names, train_sources)) if len(train_sources) > 1 else train_names[0]
+    hub_id = hub_base_model(base_model)
+    base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
     return f"""---
 library_name: transformers
 tags: [wav2vec2, audio, speech, self-supervised, pretraining]
-base_model: {hub_base_model(base_model)}
----
+{base_model_line}---
 # wav2vec 2.0 self-supervised pretraining: {Path(train_args.output_dir).name}
 
 Self-supervised (contrastive + diversity) pretraining of a wav2vec 2.0 encoder on long-form

@@ -438,3 +438,13 @@ def test_pretraining_recipes_parse(recipe):
         assert training.gradient_checkpointing and training.max_grad_norm == 1.0 and training.weight_decay == 0.01
         assert (objective.mask_time_prob, objective.mask_time_length, objective.num_negatives) == (0.05, 10, 100)
         assert (objective.contrastive_temperature, objective.diversity_loss_weight, objective.feature_penalty_weight) == (0.1, 0.1, 0.0)
+
+
+def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
+    from common import hub_base_model
+
+    assert hub_base_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
+    (tmp_path / "runs" / "home").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert hub_base_model("runs/home") == ""  # a local folder that looks like an id
+    assert hub_base_model(str(tmp_path / "runs" / "home")) == hub_base_model("random init from configs/x") == ""
