@@ -190,6 +190,20 @@ def target_length(num_frames: int, sample_rate: int) -> int:
     return num_frames * TARGET_SAMPLE_RATE // sample_rate
 
 
+def conv_geometry(config) -> tuple[int, int]:
+    """Receptive field and stride of the CNN feature encoder, in samples (400 and 320 for wav2vec2)."""
+    receptive_field, stride = 1, 1
+    for kernel, step in zip(config.conv_kernel, config.conv_stride):
+        receptive_field += (kernel - 1) * stride
+        stride *= step
+    return receptive_field, stride
+
+
+def conv_frames(num_samples: int, receptive_field: int = 400, stride: int = 320) -> int:
+    """Frames the CNN feature encoder makes of `num_samples` samples: the model's own count."""
+    return 0 if num_samples < receptive_field else (num_samples - receptive_field) // stride + 1
+
+
 def normalize_waveform(x: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance per waveform, as Wav2Vec2FeatureExtractor(do_normalize=True) does."""
     x = x.astype(np.float32, copy=False)
@@ -624,6 +638,14 @@ class TrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub (default: output_dir's name)."})
 
 
+# Flags whose smaller values would crash a run hours in (or silently do nothing), checked at parse time.
+ARGUMENT_MINIMUMS = {
+    "max_train_steps": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+    "logging_steps": 1, "warmup_steps": 0, "eval_steps": 0, "save_steps": 0, "num_workers": 0, "save_total_limit": 1,
+    "max_crop_retries": 0, "epoch_multiplier": 1, "dev_crops_per_file": 1, "num_negatives": 1, "max_grad_norm": 0,
+}
+
+
 def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     """HfArgumentParser, with an optional YAML recipe as the first argument; flags override it."""
     import yaml
@@ -650,14 +672,6 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
             if value is not None and value < lowest:
                 parser.error(f"--{name} must be at least {lowest}, not {value}")
     return parsed
-
-
-# Flags whose smaller values would crash a run hours in (or silently do nothing), checked at parse time.
-ARGUMENT_MINIMUMS = {
-    "max_train_steps": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-    "logging_steps": 1, "warmup_steps": 0, "eval_steps": 0, "save_steps": 0, "num_workers": 0, "save_total_limit": 1,
-    "max_crop_retries": 0, "epoch_multiplier": 1, "dev_crops_per_file": 1, "num_negatives": 1, "max_grad_norm": 0,
-}
 
 
 def load_feature_extractor(source: str):

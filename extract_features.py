@@ -96,7 +96,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Wav2Vec2Model
 
-from common import TARGET_SAMPLE_RATE, find_audio_files, load_feature_extractor, normalize_waveform, read_mono, read_tsv, source_window, target_length, write_tsv
+from common import TARGET_SAMPLE_RATE, conv_frames, conv_geometry, find_audio_files, load_feature_extractor, normalize_waveform, read_mono, read_tsv, source_window, target_length, write_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -264,19 +264,6 @@ def make_jobs(sources: dict[str, str], segments: list | None, extension: str) ->
 # --------------------------------------------------------------------------------------------
 # The frame grid: which windows the model runs on, and which of their frames are kept
 # --------------------------------------------------------------------------------------------
-
-
-def conv_frames(num_samples: int, receptive_field: int = 400, stride: int = 320) -> int:
-    return 0 if num_samples < receptive_field else (num_samples - receptive_field) // stride + 1
-
-
-def conv_geometry(config) -> tuple[int, int]:
-    """Receptive field and stride of the conv feature encoder, in samples."""
-    receptive_field, stride = 1, 1
-    for kernel, step in zip(config.conv_kernel, config.conv_stride):
-        receptive_field += (kernel - 1) * stride
-        stride *= step
-    return receptive_field, stride
 
 
 @dataclass(frozen=True)

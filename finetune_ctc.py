@@ -61,6 +61,8 @@ from common import (
     StopSignal,
     TrainingArguments,
     append_jsonl,
+    conv_frames,
+    conv_geometry,
     gather_unreadable,
     hardware_description,
     hub_base_model,
@@ -473,19 +475,8 @@ class _PlanSampler(torch.utils.data.Sampler):
 
 def samples_for_frames(config, frames: int) -> int:
     """Fewest input samples for which the CNN feature encoder yields `frames` frames."""
-    receptive, stride = 1, 1
-    for kernel, step in zip(config.conv_kernel, config.conv_stride):
-        receptive += (kernel - 1) * stride
-        stride *= step
-    return receptive + stride * (max(frames, 1) - 1)
-
-
-def frames_for_seconds(config, seconds: float) -> int:
-    """CNN output frames for an utterance of `seconds` (the model's own formula)."""
-    length = int(round(seconds * TARGET_SAMPLE_RATE))
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        length = max(0, (length - kernel) // stride + 1)
-    return length
+    receptive_field, stride = conv_geometry(config)
+    return receptive_field + stride * (max(frames, 1) - 1)
 
 
 def ctc_loss_sum(logits, frame_lengths, labels, blank: int, zero_infinity: bool) -> torch.Tensor:
@@ -632,11 +623,13 @@ def main(argv=None):
             train_rows = [r for r in train_rows if r["duration"] <= data_args.max_duration_seconds]
     # An utterance with fewer frames than its transcript needs cannot be aligned: its loss is
     # infinite. Training leaves them out (counted); dev keeps them, as errors.
-    too_short = [r for r in train_rows if frames_for_seconds(config, r["duration"]) < min_frames_for(r["labels"])]
+    geometry = conv_geometry(config)
+    fits = [conv_frames(round(r["duration"] * TARGET_SAMPLE_RATE), *geometry) >= min_frames_for(r["labels"]) for r in train_rows]
+    too_short = [r for r, ok in zip(train_rows, fits) if not ok]
     if too_short:
         logger.warning("%d training utterance(s) are too short for their transcript and are left out, e.g. %s (%s)",
                        len(too_short), too_short[0]["path"], too_short[0]["where"])
-        train_rows = [r for r in train_rows if frames_for_seconds(config, r["duration"]) >= min_frames_for(r["labels"])]
+        train_rows = [r for r, ok in zip(train_rows, fits) if ok]
     if not train_rows:
         raise SystemExit("error: no training utterance left (see the warnings above)")
     if not dev_rows:

@@ -29,10 +29,13 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from common import (
     DEFAULT_PARTICIPANT_REGEX,
+    TARGET_SAMPLE_RATE,
     CropStream,
     StopSignal,
     TrainingArguments,
     append_jsonl,
+    conv_frames,
+    conv_geometry,
     gather_unreadable,
     hardware_description,
     hub_base_model,
@@ -200,8 +203,8 @@ def main(argv=None):
     set_seed(train_args.seed)
 
     # ------------------------------------------------------------------ data
-    num_frames = feature_frames(config, int(round(data_args.crop_seconds * 16000)))
-    feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
+    num_frames = conv_frames(round(data_args.crop_seconds * TARGET_SAMPLE_RATE), *conv_geometry(config))
+    feature_extractor = load_feature_extractor(model_source)
     try:
         train_sources, train_names, dev_rows = load_rows(data_args, output_dir, accelerator.is_main_process, train_args.seed)
         transform = MaskAndNegatives(num_frames, objective.mask_time_prob, objective.mask_time_length, objective.num_negatives)
@@ -420,13 +423,6 @@ def main(argv=None):
             push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"wav2vec2 pretraining, step {step}")
     accelerator.end_training()
     return output_dir
-
-
-def feature_frames(config, num_samples: int) -> int:
-    """Frames the CNN feature encoder makes of `num_samples` (no padding: floor per conv layer)."""
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        num_samples = (num_samples - kernel) // stride + 1
-    return num_samples
 
 
 def to_device(batch: dict, device) -> dict:

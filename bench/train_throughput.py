@@ -70,7 +70,8 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
     """Audio seconds per second of forward + backward + optimizer step on ready tensors."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
-    from pretrain import MaskAndNegatives, feature_frames
+    from common import conv_frames, conv_geometry
+    from pretrain import MaskAndNegatives
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Wav2Vec2Config.from_pretrained(config_dir)
@@ -79,7 +80,7 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     samples = int(args.crop_seconds * 16000)
-    frames = feature_frames(config, samples)
+    frames = conv_frames(samples, *conv_geometry(config))
     masks = MaskAndNegatives(frames, 0.65, 10, 100)({"crop_keys": np.array([[0, 0, i] for i in range(args.batch_size)])})
     inputs = {
         "input_values": torch.randn(args.batch_size, samples, device=device),
