@@ -93,7 +93,7 @@ class DataArguments:
 
 @dataclass
 class ObjectiveArguments:
-    mask_time_prob: float = field(default=0.65, metadata={"help": "Share of frames that start a masked span (fairseq: 0.65 -> ~49% of frames masked)."})
+    mask_time_prob: float = field(default=0.65, metadata={"help": "Share of frames that start a masked span (fairseq: 0.65 -> ~49%% of frames masked)."})
     mask_time_length: int = field(default=10, metadata={"help": "Frames per masked span."})
     num_negatives: int = field(default=100)
     contrastive_temperature: float = field(default=0.1)

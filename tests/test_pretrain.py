@@ -448,3 +448,11 @@ def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub_base_model("runs/home") == ""  # a local folder that looks like an id
     assert hub_base_model(str(tmp_path / "runs" / "home")) == hub_base_model("random init from configs/x") == ""
+
+
+@pytest.mark.parametrize("script, flag", [("pretrain.py", "--feature_penalty_weight"), ("finetune_ctc.py", "--initial_blank_probability"),
+                                          ("extract_features.py", "--context_seconds")])
+def test_help_lists_the_flags(script, flag):
+    """The README sends users to --help; a stray '%' in a help text makes argparse crash there."""
+    result = run([REPO / script, "--help"])
+    assert flag in result.stdout and "--output_dir" in result.stdout
