@@ -680,6 +680,7 @@ def main(argv=None) -> dict:
         num_failures = merge_tables(output_dir, "failures", FAILURE_COLUMNS, state.num_processes)
         logger.info("%d outputs listed in %s, %d failures in %s", num_outputs, output_dir / "index.tsv", num_failures, output_dir / "failures.tsv")
     state.wait_for_everyone()
+    state.destroy_process_group()  # now, not in the interpreter's teardown, where gloo's threads can hang it
     return {"outputs": len(outputs.rows), "failures": len(outputs.failures), "audio_seconds": round(audio_seconds, 2), "seconds": round(seconds, 3),
             "cpu_seconds": round(cpu_seconds, 3), "realtime_factor": round(audio_seconds / seconds, 1) if seconds else None}
 

@@ -63,6 +63,7 @@ from common import (
     append_jsonl,
     conv_frames,
     conv_geometry,
+    end_processes,
     gather_unreadable,
     hardware_description,
     hub_base_model,
@@ -681,6 +682,9 @@ def main(argv=None):
             model.lm_head.bias[tokenizer.pad_token_id] = blank_bias(model_args.initial_blank_probability, len(vocab))
     if model_args.freeze_feature_encoder:
         model.freeze_feature_encoder()
+    if model_args.mask_time_prob == 0 and getattr(model.wav2vec2, "masked_spec_embed", None) is not None:
+        # Only time masking uses it (feature masking zeroes): a trained parameter without a gradient stops DDP.
+        model.wav2vec2.masked_spec_embed.requires_grad_(False)
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_attention_mask = bool(feature_extractor.return_attention_mask)
@@ -885,7 +889,8 @@ def main(argv=None):
             save_checkpoint(accelerator, output_dir, step, {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab}, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
-            accelerator.end_training()
+            del model
+            end_processes(accelerator)
             return None
     progress.close()
 
@@ -929,7 +934,9 @@ def main(argv=None):
         if train_args.push_to_hub:
             push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"CTC fine-tuning, step {step}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    stop.release()
+    del model
+    end_processes(accelerator)
     return output_dir
 
 

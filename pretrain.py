@@ -36,6 +36,7 @@ from common import (
     append_jsonl,
     conv_frames,
     conv_geometry,
+    end_processes,
     gather_unreadable,
     hardware_description,
     hub_base_model,
@@ -402,7 +403,8 @@ def main(argv=None):
             save_checkpoint(accelerator, output_dir, step, {**position, "unreadable": sorted(unreadable)}, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
-            accelerator.end_training()
+            del model
+            end_processes(accelerator)
             return None
     progress.close()
 
@@ -421,7 +423,9 @@ def main(argv=None):
             hardware_description(accelerator), accelerator.mixed_precision, sorted(unreadable), gumbel_start, accelerator.num_processes))
         if train_args.push_to_hub:
             push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"wav2vec2 pretraining, step {step}")
-    accelerator.end_training()
+    stop.release()
+    del model
+    end_processes(accelerator)
     return output_dir
 
 

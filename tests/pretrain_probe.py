@@ -50,12 +50,12 @@ original_end = Accelerator.end_training
 
 def prepare(self, *objects, **kwargs):
     prepared = original_prepare(self, *objects, **kwargs)
-    captured["model"] = prepared[0]
+    captured["model"] = self.unwrap_model(prepared[0])  # not the DDP wrapper, which must die before the process group
     return prepared
 
 
 def end_training(self):
-    state = {k: v.detach().cpu().clone() for k, v in self.unwrap_model(captured["model"]).state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in captured["model"].state_dict().items()}
     torch.save(state, probe_dir / f"weights_rank{rank}.pt")
     original_end(self)
 

@@ -322,7 +322,7 @@ def test_two_real_processes_under_torchrun(models, tmp_path):
     for i, seconds in enumerate([3, 1, 2]):
         write_signal(tmp_path / "audio" / f"r{i}.wav", steady(seconds, seed=40 + i), SR)
     extract(models["base"], tmp_path / "single", tmp_path / "audio")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(REPO / "extract_features.py"), "--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "split"),
                "--num_workers", "0", str(tmp_path / "audio")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
