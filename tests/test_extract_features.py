@@ -301,6 +301,9 @@ class FakeState:
     def wait_for_everyone(self):
         pass
 
+    def destroy_process_group(self):
+        pass
+
 
 def test_processes_split_the_files_and_the_main_process_merges_the_index(models, tmp_path, monkeypatch):
     for i, seconds in enumerate([5, 1, 3, 2, 4]):
