@@ -741,6 +741,21 @@ def start_train_log(accelerator, output_dir: Path, start_step: int, arguments: d
     return log_path
 
 
+def make_loader(dataset, num_workers: int, **options) -> torch.utils.data.DataLoader:
+    """A DataLoader with a private generator: creating its iterator must not draw from the global
+    torch RNG, or a resumed run (RNG restored from the checkpoint) would diverge from an
+    uninterrupted one."""
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator(), **options)
+
+
+def format_number(value, digits: int = 4) -> str:
+    """A figure for a model card: thousands separated, floats to `digits` places, None as n/a."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
 def append_jsonl(path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

@@ -74,7 +74,6 @@ temporary name and renamed when complete, so a partial file is never taken for a
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -553,8 +552,7 @@ def merge_tables(output_dir: Path, name: str, columns: list[str], num_parts: int
     rows = []
     for rank in range(num_parts):
         part = output_dir / f"{name}.rank{rank}.tsv"
-        with open(part, newline="", encoding="utf-8") as f:
-            rows.extend(csv.DictReader(f, delimiter="\t"))
+        rows.extend(read_tsv(part, []))
         part.unlink()
     rows.sort(key=lambda r: (r["source"], float(r["start"] or 0), r.get("output", "")))
     write_tsv(output_dir / f"{name}.tsv", rows, columns)
@@ -658,9 +656,10 @@ def main(argv=None) -> dict:
             if kind == "batch":
                 for item, features in zip(payload, run_model(model, payload, layers, device, DTYPES[args.dtype], pad_with_mask)):
                     outputs.add(item, features)
-                    audio_seconds += item["window"].count / frame_rate
+                batch_seconds = sum(item["window"].count for item in payload) / frame_rate
+                audio_seconds += batch_seconds
                 progress.set_postfix_str(f"{audio_seconds / 3600 / (time.perf_counter() - started):.3g} audio h/s", refresh=False)
-                progress.update(sum(item["window"].count for item in payload) / frame_rate / 3600)
+                progress.update(batch_seconds / 3600)
             elif "reason" in payload:
                 outputs.fail(payload)
             else:

@@ -64,6 +64,7 @@ from common import (
     conv_frames,
     conv_geometry,
     end_processes,
+    format_number,
     gather_unreadable,
     hardware_description,
     hub_base_model,
@@ -71,6 +72,7 @@ from common import (
     load_checkpoint,
     load_feature_extractor,
     make_accelerator,
+    make_loader,
     normalize_waveform,
     optimizer_param_groups,
     parse_args_with_recipe,
@@ -704,10 +706,7 @@ def main(argv=None):
         raise SystemExit(f"error: {error}") from None
 
     def loader(dataset, batch_sampler):
-        # A private generator: creating the iterator must not draw from the global torch RNG, or a
-        # resumed run (RNG restored from the checkpoint) would diverge from an uninterrupted one.
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=train_args.num_workers,
-                                           pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+        return make_loader(dataset, train_args.num_workers, batch_sampler=batch_sampler, collate_fn=collate)
 
     # Dev: fixed batches of similar length (long utterances alone), shared out over the processes.
     dev_order = sorted(range(len(dev_rows)), key=lambda i: -dev_rows[i]["duration"])
@@ -826,7 +825,7 @@ def main(argv=None):
             if model_args.mask_time_prob > 0:
                 # SpecAugment spans drawn over each utterance's real frames only (transformers would
                 # put them in the padding too when the model takes no attention mask).
-                num_frames = int(unwrapped._get_feat_extract_output_lengths(torch.tensor(inputs.shape[1])))
+                num_frames = conv_frames(inputs.shape[1], *geometry)
                 real = torch.arange(num_frames)[None] < frames[:, None]
                 spans = _compute_mask_indices((inputs.shape[0], num_frames), model_args.mask_time_prob, model_args.mask_time_length,
                                               attention_mask=real.long(), min_masks=unwrapped.config.mask_time_min_masks)
@@ -943,12 +942,6 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- model card
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
 def model_card(model, base_model, results, model_args, data_args, train_args, log, hardware, precision, num_processes) -> str:
     config = model.config
     versions = software_versions()
@@ -988,7 +981,7 @@ Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); t
 
 | Dev set | WER | CER | Utterances | Words | Characters | Hours |
 |---|---|---|---|---|---|---|
-| {results["dev_set"]} | {_fmt(results["wer"])} | {_fmt(results["cer"])} | {_fmt(results.get("eval_utterances"))} | {_fmt(results.get("eval_words"))} | {_fmt(results.get("eval_chars"))} | {results["dev_hours"]:.3f} |
+| {results["dev_set"]} | {format_number(results["wer"])} | {format_number(results["cer"])} | {format_number(results.get("eval_utterances"))} | {format_number(results.get("eval_words"))} | {format_number(results.get("eval_chars"))} | {results["dev_hours"]:.3f} |
 
 | Step | Dev WER | Dev CER | Dev loss per character |
 |---|---|---|---|
@@ -1062,8 +1055,7 @@ def transcribe(paths, model, processor, chunk_seconds: float = 30.0, context_sec
     """
     model = model.to(device).eval()
     tokenizer, feature_extractor = processor.tokenizer, processor.feature_extractor
-    samples_per_frame = math.prod(model.config.conv_stride)
-    min_samples = samples_for_frames(model.config, 1)
+    min_samples, samples_per_frame = conv_geometry(model.config)  # receptive field: the fewest samples that make a frame
     texts = []
     for path in paths:
         seconds = sf.info(str(path)).duration

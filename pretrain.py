@@ -37,12 +37,14 @@ from common import (
     conv_frames,
     conv_geometry,
     end_processes,
+    format_number,
     gather_unreadable,
     hardware_description,
     hub_base_model,
     load_checkpoint,
     load_feature_extractor,
     make_accelerator,
+    make_loader,
     optimizer_param_groups,
     parse_args_with_recipe,
     parse_weighted_manifests,
@@ -268,12 +270,6 @@ def main(argv=None):
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def loader(stream):
-        # A private generator: creating the iterator must not draw from the global torch RNG, or a
-        # resumed run (RNG restored from the checkpoint) would diverge from an uninterrupted one.
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=train_args.num_workers,
-                                           pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-
     # ------------------------------------------------------------------ optimizer, resume
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
     # Stepped by hand once per update: accelerate's wrapper would step it once per process.
@@ -295,23 +291,23 @@ def main(argv=None):
     # ------------------------------------------------------------------ evaluation
     def evaluate() -> dict:
         """Loss per masked frame and contrastive accuracy on the fixed dev crops and masks."""
-        model.eval()
+        unwrapped.eval()  # the bare module, as in finetune_ctc.py: no gradients, so nothing for DDP to do
         sums = torch.zeros(4, device=accelerator.device)  # loss, masked frames, correct, contrastive loss
         with torch.no_grad():
-            for batch in loader(dev_stream):
+            for batch in make_loader(dev_stream, train_args.num_workers, batch_size=None):
                 inputs = to_device(batch, accelerator.device)
-                out = model(**inputs)
+                out = unwrapped(**inputs)
                 mask = inputs["mask_time_indices"]
                 sums += torch.stack([out.loss.float(), mask.sum().float(), contrastive_correct(out, inputs, unwrapped.config).float(), out.contrastive_loss.float()])
         cnn_output.clear()
         sums = accelerator.reduce(sums, reduction="sum")
-        model.train()
+        unwrapped.train()
         return {"dev_loss": (sums[0] / sums[1]).item(), "dev_contrastive_loss": (sums[3] / sums[1]).item(), "dev_accuracy": (sums[2] / sums[1]).item()}
 
     # ------------------------------------------------------------------ training loop
     stop = StopSignal()
     accumulation = train_args.gradient_accumulation_steps
-    batches = iter(loader(train_stream))
+    batches = iter(make_loader(train_stream, train_args.num_workers, batch_size=None))
     worker_stats: dict[int, dict] = {}
     unreadable: set[str] = set(stream_state.get("unreadable", []))
     window = torch.zeros(7, device=accelerator.device)  # loss, contrastive, diversity, masked, frames, perplexity-sum, feature penalty
@@ -485,12 +481,6 @@ def _window_mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
 def model_card(model, base_model, train_sources, train_names, dev_rows, data_args, objective, train_args, log, hardware,
                precision, unreadable, gumbel_start, num_processes) -> str:
     config = model.config
@@ -560,7 +550,7 @@ to 16 kHz mono; crops with RMS < {data_args.min_rms:g} redrawn (up to {data_args
 | Max gradient norm | {train_args.max_grad_norm:g} |
 | Weight decay | {train_args.weight_decay:g} |
 | Crop duration | {data_args.crop_seconds:g} s |
-| Mask time prob / length | {objective.mask_time_prob:g} / {objective.mask_time_length} frames (masked fraction {_fmt(_window_mean(steps, "masked_fraction"), 3)}) |
+| Mask time prob / length | {objective.mask_time_prob:g} / {objective.mask_time_length} frames (masked fraction {format_number(_window_mean(steps, "masked_fraction"), 3)}) |
 | Num negatives | {objective.num_negatives} |
 | Contrastive temperature | {objective.contrastive_temperature:g} |
 | Diversity loss weight | {objective.diversity_loss_weight:g} |
@@ -577,13 +567,13 @@ model's raw summed loss per update, the figure some cards report.
 
 | Metric | Per masked frame | Summed per update |
 |---|---|---|
-| Initial loss (step {steps[0]["step"] if steps else "n/a"}) | {_fmt(steps[0]["loss"] if steps else None)} | {_fmt(steps[0]["loss_sum_per_update"] if steps else None, 1)} |
-| Final loss (step {last_step}) | {_fmt(steps[-1]["loss"] if steps else None)} | {_fmt(steps[-1]["loss_sum_per_update"] if steps else None, 1)} |
-| Avg loss (first {min(1000, last_step):,} steps) | {_fmt(_window_mean(first_k, "loss"))} | {_fmt(_window_mean(first_k, "loss_sum_per_update"), 1)} |
-| Avg loss (last {min(1000, last_step):,} steps) | {_fmt(_window_mean(last_k, "loss"))} | {_fmt(_window_mean(last_k, "loss_sum_per_update"), 1)} |
-| Dev loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {_fmt(devs[0]["dev_loss"] if devs else None)} | |
-| Dev loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {_fmt(devs[-1]["dev_loss"] if devs else None)} | |
-| Dev contrastive accuracy, last evaluation | {_fmt(devs[-1]["dev_accuracy"] if devs else None, 3)} | |
+| Initial loss (step {steps[0]["step"] if steps else "n/a"}) | {format_number(steps[0]["loss"] if steps else None)} | {format_number(steps[0]["loss_sum_per_update"] if steps else None, 1)} |
+| Final loss (step {last_step}) | {format_number(steps[-1]["loss"] if steps else None)} | {format_number(steps[-1]["loss_sum_per_update"] if steps else None, 1)} |
+| Avg loss (first {min(1000, last_step):,} steps) | {format_number(_window_mean(first_k, "loss"))} | {format_number(_window_mean(first_k, "loss_sum_per_update"), 1)} |
+| Avg loss (last {min(1000, last_step):,} steps) | {format_number(_window_mean(last_k, "loss"))} | {format_number(_window_mean(last_k, "loss_sum_per_update"), 1)} |
+| Dev loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {format_number(devs[0]["dev_loss"] if devs else None)} | |
+| Dev loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {format_number(devs[-1]["dev_loss"] if devs else None)} | |
+| Dev contrastive accuracy, last evaluation | {format_number(devs[-1]["dev_accuracy"] if devs else None, 3)} | |
 
 ![loss curve](loss_curve.png)
 

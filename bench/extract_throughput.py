@@ -45,8 +45,8 @@ def save_random_model(name: str, folder: Path) -> str:
     return str(folder)
 
 
-def write_corpus(folder: Path, minutes: float, file_minutes: float = 2.0, seed: int = 0) -> float:
-    """Speech-like noise (bursts of filtered noise with pauses) in FLAC files; returns the seconds written."""
+def write_corpus(folder: Path, minutes: float, file_minutes: float = 2.0, seed: int = 0) -> None:
+    """Speech-like noise (bursts of filtered noise with pauses) in FLAC files."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     remaining, index = minutes * 60, 0
@@ -58,7 +58,6 @@ def write_corpus(folder: Path, minutes: float, file_minutes: float = 2.0, seed: 
         sf.write(folder / f"rec{index:03d}.flac", (0.1 * noise * (0.05 + envelope)).astype(np.float32), 16000, subtype="PCM_16")
         remaining -= seconds
         index += 1
-    return minutes * 60
 
 
 def main(argv=None):

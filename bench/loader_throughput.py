@@ -109,11 +109,11 @@ def time_batches(loader_iter, num_batches: int, after_warm_up=None, min_seconds:
     return done, time.perf_counter() - wall, time.process_time() - cpu, last
 
 
-def baseline(rows: list[dict], crops: int, crop_seconds: float, seed: int) -> tuple[float, float]:
-    """Naive loading: whole-file decode, downmix, resample, random slice. Returns (wall s, cpu s) per crop."""
+def baseline(rows: list[dict], crops: int, crop_seconds: float, seed: int) -> float:
+    """Naive loading: whole-file decode, downmix, resample, random slice. Returns wall seconds per crop."""
     rng = np.random.default_rng([seed, 99])
     crop_length = int(round(crop_seconds * TARGET_SAMPLE_RATE))
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall = time.perf_counter()
     for _ in range(crops):
         row = rows[int(rng.integers(len(rows)))]
         data, sr = sf.read(row["path"], dtype="float32", always_2d=True)
@@ -122,7 +122,7 @@ def baseline(rows: list[dict], crops: int, crop_seconds: float, seed: int) -> tu
         start = int(rng.integers(max(1, len(audio) - crop_length + 1)))
         crop = audio[start : start + crop_length]
         assert len(crop) == crop_length or len(audio) < crop_length
-    return (time.perf_counter() - wall) / crops, (time.process_time() - cpu) / crops
+    return (time.perf_counter() - wall) / crops
 
 
 def per_format(manifests, args) -> list[dict]:
@@ -145,16 +145,16 @@ def per_format(manifests, args) -> list[dict]:
             batches, wall, cpu, last = time_batches(iter(stream), max(1, crops_each // args.batch_size), timers.reset, args.min_seconds)
         crops = batches * args.batch_size
         stats = last[0]["stream_stats"]  # cumulative, warm-up batch included
-        base_wall, base_cpu = baseline(rows, args.baseline_crops, args.crop_seconds, args.seed)
+        base_wall = baseline(rows, args.baseline_crops, args.crop_seconds, args.seed)
         read_ms = 1000 * timers.seconds["read"] / crops
         seek_ms = 1000 * timers.seconds["seek"] / crops
         resample_ms = 1000 * timers.seconds["resample"] / crops
         results.append({
-            "key": key, "files": len(rows), "crops": crops, "wall": crops / wall, "cpu": crops / cpu,
+            "key": key, "files": len(rows), "wall": crops / wall, "cpu": crops / cpu,
             "seek_ms": seek_ms, "decode_ms": read_ms - seek_ms, "resample_ms": resample_ms,
             "other_ms": 1000 * wall / crops - read_ms - resample_ms,
             "reads_per_crop": timers.calls["read"] / crops, "all_silent": stats["all_silent"],
-            "baseline_wall": 1 / base_wall, "baseline_cpu": 1 / base_cpu, "share": len(rows),
+            "baseline_wall": 1 / base_wall,
         })
     return results
 
@@ -209,8 +209,8 @@ def main(argv=None) -> float:
     totals = stream_totals({w: b["stream_stats"] for w, b in last.items()})
     # The naive loader's rate on this mix: files are drawn per file, so weight each format's time
     # per crop by its share of the files.
-    files = sum(r["share"] for r in results)
-    naive = files / sum(r["share"] / r["baseline_wall"] for r in results) if results else float("nan")
+    files = sum(r["files"] for r in results)
+    naive = files / sum(r["files"] / r["baseline_wall"] for r in results) if results else float("nan")
     workers = max(1, args.num_workers)
     print(f"\nwhole manifest through DataLoader(batch_size=None, num_workers={args.num_workers}), batches of {args.batch_size}:")
     print(f"  {crops} crops of {args.crop_seconds:g} s in {wall:.2f} s: {rate:.1f} crops/s ({rate / workers:.1f} per worker process)"
