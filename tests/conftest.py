@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo on sys.path, offline Hub, tiny model configs and a small synthetic corpus."""
+"""Shared fixtures: the repo on sys.path, offline Hub, tiny model configs."""
 
 import os
 import sys
@@ -25,15 +25,3 @@ def tiny_base_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_robust_dir() -> Path:
     return REPO / "configs" / "tiny-wav2vec2-robust"
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory):
-    """Five participants, one or two recordings of ~30 s each in WAV/FLAC/OGG, with manifests."""
-    from common import prepare_manifests
-    from data.make_demo_corpus import make_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    make_corpus(root / "audio", participants=5, minutes=0.5, seed=1)
-    summary = prepare_manifests(root / "audio", root / "manifests", dev_fraction=0.2, seed=0)
-    return {"audio": root / "audio", "manifests": root / "manifests", "summary": summary}

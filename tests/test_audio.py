@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
-from helpers import chirp, write_signal
+from helpers import TOLERANCE, chirp, decode_whole, write_signal
 
 from common import TARGET_SAMPLE_RATE, load_audio, read_mono, read_resampled, target_length
 
@@ -12,21 +11,6 @@ EXTENSIONS = ["wav", "flac", "ogg"]
 RATES = [8000, 16000, 22050, 44100, 48000]
 CHANNELS = [1, 2]
 SECONDS = 3.0
-# A region read by seeking goes through soxr in a different block than the whole-file reference, so
-# float32 rounding differs: measured at most 3e-7 over all formats, rates and channel counts on
-# signals of amplitude ~0.35. 1e-5 leaves a 30x margin and is still far below what a read that is
-# off by one sample gives (the chirp's noise makes neighbouring samples differ by ~0.05; the test
-# checks that too).
-TOLERANCE = 1e-5
-
-
-def decode_whole(path) -> np.ndarray:
-    """The reference: decode everything, downmix, resample in one pass."""
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1, dtype=np.float32)
-    return mono if sr == TARGET_SAMPLE_RATE else soxr.resample(mono, sr, TARGET_SAMPLE_RATE)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")

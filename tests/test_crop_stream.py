@@ -9,16 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 import torch
-from helpers import chirp, write_signal
+from helpers import TOLERANCE, chirp, decode_whole, write_signal
 
 import common
 from common import TARGET_SAMPLE_RATE, CropStream, normalize_waveform, probe_audio_file, stream_totals
 
-# Same bound as in test_audio.py: a seeking read differs from the whole-file resample by float32
-# rounding only (measured <= 3e-7); a read one sample off differs by ~0.05 on these chirps.
-TOLERANCE = 1e-5
 CROP = 0.5  # seconds; short crops keep the tests fast, the code path is the same as for 8 s
 CROP_LEN = int(CROP * TARGET_SAMPLE_RATE)
 
@@ -27,12 +23,6 @@ def row(path, participant="P01") -> dict:
     found, reason = probe_audio_file(Path(path))
     assert reason is None, reason
     return {**found, "participant": participant}
-
-
-def reference(path) -> np.ndarray:
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1, dtype=np.float32)
-    return mono if sr == TARGET_SAMPLE_RATE else soxr.resample(mono, sr, TARGET_SAMPLE_RATE)
 
 
 def locate_all(crop_array: np.ndarray, ref: np.ndarray) -> list[int]:
@@ -101,7 +91,7 @@ def format_files(tmp_path_factory):
     out = {}
     for i, (ext, sr, channels) in enumerate(FORMATS):
         path = write_signal(root / f"P{i:02d}_f.{ext}", chirp(3.0, sr, channels, seed=100 + i), sr)
-        out[ext, sr, channels] = (path, reference(path))
+        out[ext, sr, channels] = (path, decode_whole(path))
     return out
 
 
@@ -135,7 +125,7 @@ def test_silence_rejection_keeps_only_crops_from_the_loud_region(tmp_path, monke
     assert (stats["crops"], stats["all_silent"]) == (24, 0)
     assert stats["retries"] > 24 * 5  # the silence was really drawn, and rejected
     assert len(reads) == stats["crops"] + stats["retries"]
-    for crop, start in zip(crops(got), locate_all(crops(got), reference(path))):
+    for crop, start in zip(crops(got), locate_all(crops(got), decode_whole(path))):
         assert 12 * sr - CROP_LEN < start < 14 * sr, start
         assert np.sqrt(np.mean(crop**2)) >= 0.001
 
@@ -278,7 +268,7 @@ def test_fixed_mode_yields_identical_crops_on_every_pass(mixed_rows):
 def test_new_epochs_draw_fresh_crop_positions(tmp_path):
     """REFERENCE defect: the same crop every epoch. Here each epoch's positions are new."""
     path = write_signal(tmp_path / "P01_one.wav", chirp(5.0, 16000, seed=9), 16000)
-    ref = reference(path)
+    ref = decode_whole(path)
     stream = CropStream([([row(path)], 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=4, min_rms=0.0)
     got = batches(stream, 3)
     positions = [set(locate_all(b["input_values"].numpy(), ref)) for b in got]

@@ -5,7 +5,6 @@ Models are random-init copies of configs/tiny-wav2vec2-base (group norm, no atte
 configs/tiny-wav2vec2-robust (layer norm, stable layer norm, attention mask); all audio is synthetic.
 """
 
-import csv
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 import extract_features as ef
-from common import load_audio
+from common import load_audio, read_tsv
 
 SR = 16_000
 REPO = Path(__file__).resolve().parent.parent
@@ -63,11 +62,6 @@ def extract(model_dir, output_dir, *inputs, **flags):
     for key, value in flags.items():
         argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return ef.main(argv)
-
-
-def read_table(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +192,7 @@ def test_layers_pooling_and_formats(models, tmp_path):
 
     frames = len(last)
     for folder, shape, layers in [("all", f"3x{frames}x32", "0,1,2"), ("last", f"{frames}x32", "last"), ("ms", "2x64", "0,2"), ("mean", "32", "last")]:
-        (row,) = read_table(tmp_path / folder / "index.tsv")
+        (row,) = read_tsv(tmp_path / folder / "index.tsv", [])
         assert (row["shape"], row["layers"], row["num_frames"], row["frame_rate"]) == (shape, layers, str(frames), "50")
         assert (row["source"], float(row["start"]), float(row["end"])) == (str(path), 0.0, 5.0)
 
@@ -223,14 +217,14 @@ def test_segments_from_rttm_and_tsv(models, tmp_path):
     extract(models["robust_raw"], tmp_path / "whole", path)
     whole = np.load(tmp_path / "whole" / "P01_day1.npy")  # one window: the whole-file pass
 
-    rows = {r["output"]: r for r in read_table(tmp_path / "frames" / "index.tsv")}
+    rows = {r["output"]: r for r in read_tsv(tmp_path / "frames" / "index.tsv", [])}
     assert sorted(rows) == ["P01_day1/000003000-000005000_KCHI.npy", "P01_day1/000012500-000042500_FEM.npy"]
     child = np.load(tmp_path / "frames" / "P01_day1" / "000003000-000005000_KCHI.npy")
     assert child.shape == (99, 32) and rows["P01_day1/000003000-000005000_KCHI.npy"]["label"] == "KCHI"
     # 3.00 s is output frame 150 of the whole file; with 2 s of context the features agree.
     assert np.abs(child - whole[150:249]).max() < 0.01
     assert float(rows["P01_day1/000012500-000042500_FEM.npy"]["end"]) == 20.0
-    (failure,) = read_table(tmp_path / "frames" / "failures.tsv")
+    (failure,) = read_tsv(tmp_path / "frames" / "failures.tsv", [])
     assert failure["label"] == "KCHI" and "shorter than one frame" in failure["reason"]
 
     # A TSV names its files; without context each segment is extracted on its own.
@@ -238,7 +232,7 @@ def test_segments_from_rttm_and_tsv(models, tmp_path):
     extract(models["robust_raw"], tmp_path / "pooled", segments=tmp_path / "audio" / "segments.tsv", pooling="mean", context_seconds=0)
     alone = whole_file_pass(models["robust_raw"], audio[3 * SR : 5 * SR], normalize=False)[1].last_hidden_state[0].numpy()
     np.testing.assert_allclose(np.load(tmp_path / "pooled" / "P01_day1" / "000003000-000005000.npy"), alone.mean(axis=0), atol=1e-5)
-    assert [r["output"] for r in read_table(tmp_path / "pooled" / "index.tsv")] == ["P01_day1/000003000-000005000.npy", "P02_day1/000000500-000002500.npy"]
+    assert [r["output"] for r in read_tsv(tmp_path / "pooled" / "index.tsv", [])] == ["P01_day1/000003000-000005000.npy", "P02_day1/000000500-000002500.npy"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ def test_batched_windows_give_the_same_features_as_one_at_a_time(models, tmp_pat
     extract(models[name], tmp_path / "many", tmp_path / "audio", chunk_seconds=2, context_seconds=1, batch_size=4, num_workers=1)
     for i in range(5):
         np.testing.assert_allclose(np.load(tmp_path / "many" / f"f{i}.npy"), np.load(tmp_path / "one" / f"f{i}.npy"), atol=1e-5)
-    assert read_table(tmp_path / "many" / "index.tsv") == read_table(tmp_path / "one" / "index.tsv")
+    assert read_tsv(tmp_path / "many" / "index.tsv", []) == read_tsv(tmp_path / "one" / "index.tsv", [])
 
 
 def test_unreadable_files_are_listed_and_the_job_resumes(models, tmp_path):
@@ -270,11 +264,11 @@ def test_unreadable_files_are_listed_and_the_job_resumes(models, tmp_path):
     result = extract(models["base"], out, audio_dir, chunk_seconds=2, context_seconds=1, num_workers=1)
     assert result["outputs"] == 2 and result["failures"] == 2
 
-    failures = {os.path.basename(r["source"]): r["reason"] for r in read_table(out / "failures.tsv")}
+    failures = {os.path.basename(r["source"]): r["reason"] for r in read_tsv(out / "failures.tsv", [])}
     assert sorted(failures) == ["garbage.wav", "truncated.flac"]
     assert "Format not recognised" in failures["garbage.wav"]
     assert not (out / "truncated.npy").exists() and not list(out.rglob("*.partial"))
-    index = read_table(out / "index.tsv")
+    index = read_tsv(out / "index.tsv", [])
     assert [r["output"] for r in index] == ["deep/good2.npy", "good1.npy"]
 
     # Resume: complete outputs are kept as they are, a missing one is made again.
@@ -284,7 +278,7 @@ def test_unreadable_files_are_listed_and_the_job_resumes(models, tmp_path):
     result = extract(models["base"], out, audio_dir, chunk_seconds=2, context_seconds=1, skip_existing=True)
     assert result["outputs"] == 2 and (out / "good1.npy").stat().st_mtime_ns == kept
     assert np.load(out / "deep" / "good2.npy").shape == (299, 32) and not (out / "deep" / "good2.npy.partial").exists()
-    assert read_table(out / "index.tsv") == index
+    assert read_tsv(out / "index.tsv", []) == index
 
     with pytest.raises(SystemExit, match="--skip_existing.*layers"):
         extract(models["base"], out, audio_dir, chunk_seconds=2, context_seconds=1, skip_existing=True, layers="all")
@@ -314,7 +308,7 @@ def test_processes_split_the_files_and_the_main_process_merges_the_index(models,
         monkeypatch.setattr(ef, "PartialState", lambda rank=rank, **kwargs: FakeState(rank, 2))
         result = extract(models["robust"], tmp_path / "split", tmp_path / "audio")
         assert result["outputs"] in (2, 3)
-    assert read_table(tmp_path / "split" / "index.tsv") == read_table(tmp_path / "single" / "index.tsv")
+    assert read_tsv(tmp_path / "split" / "index.tsv", []) == read_tsv(tmp_path / "single" / "index.tsv", [])
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     for i in range(5):
         np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-6)
@@ -331,7 +325,7 @@ def test_two_real_processes_under_torchrun(models, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_table(tmp_path / "split" / "index.tsv") == read_table(tmp_path / "single" / "index.tsv")
+    assert read_tsv(tmp_path / "split" / "index.tsv", []) == read_tsv(tmp_path / "single" / "index.tsv", [])
     for i in range(3):
         np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-5)
 
@@ -412,7 +406,7 @@ def test_two_hour_file_extracts_with_bounded_memory(tmp_path, tiny_base_dir, rep
 
     features = np.load(tmp_path / "long_out" / "day.npy", mmap_mode="r")
     assert features.shape == ((2 * 3600 * SR - 400) // 320 + 1, 8)
-    (row,) = read_table(tmp_path / "long_out" / "index.tsv")
+    (row,) = read_tsv(tmp_path / "long_out" / "index.tsv", [])
     assert (row["num_frames"], float(row["end"])) == (str(features.shape[0]), 7200.0)
     loud, silent = features[50 * 5 : 50 * 6], features[50 * 900 : 50 * 901]  # at 0:05 (loud) and 15:00 (silent)
     assert np.isfinite(features[::1000]).all() and np.abs(loud - silent).mean() > 0.1
@@ -429,6 +423,6 @@ def test_segments_that_would_share_an_output_file_and_empty_files_are_reported(m
     write_signal(tmp_path / "audio" / "P01_ok.wav", steady(2, seed=1), SR, "FLOAT")
     sf.write(tmp_path / "audio" / "P02_empty.wav", np.zeros(0, dtype=np.float32), SR)
     extract(models["robust_raw"], tmp_path / "out", tmp_path / "audio")
-    (failure,) = read_table(tmp_path / "out" / "failures.tsv")
+    (failure,) = read_tsv(tmp_path / "out" / "failures.tsv", [])
     assert failure["source"].endswith("P02_empty.wav") and failure["reason"] == "empty file (no samples)"
-    assert [r["output"] for r in read_table(tmp_path / "out" / "index.tsv")] == ["P01_ok.npy"]
+    assert [r["output"] for r in read_tsv(tmp_path / "out" / "index.tsv", [])] == ["P01_ok.npy"]
