@@ -78,7 +78,9 @@ class SourceWindow:
         return _pad_to(resampled[self.offset : self.offset + self.length], self.length)
 
 
-def source_window(sr: int, total_frames: int, start: int, length: int, target_sr: int = TARGET_SAMPLE_RATE) -> SourceWindow:
+def source_window(
+    sr: int, total_frames: int, start: int, length: int, target_sr: int = TARGET_SAMPLE_RATE
+) -> SourceWindow:
     if sr == target_sr:
         src_start = min(start, total_frames)
         return SourceWindow(src_start, min(total_frames, start + length), 0, length)
@@ -141,7 +143,10 @@ def _vorbis_last_page_start(audio: sf.SoundFile) -> int:
     while i >= 0:
         if i + 27 <= len(tail) and tail[i + 4] == 0 and i + 27 + tail[i + 26] <= len(tail):
             segments = tail[i + 27 : i + 27 + tail[i + 26]]
-            pages[i + 27 + len(segments) + sum(segments)] = (i, int.from_bytes(tail[i + 6 : i + 14], "little", signed=True))
+            pages[i + 27 + len(segments) + sum(segments)] = (
+                i,
+                int.from_bytes(tail[i + 6 : i + 14], "little", signed=True),
+            )
         i = tail.find(b"OggS", i + 1)
     end, walked = len(tail), 0
     while end in pages:  # walk back from the end of the file, page by page
@@ -230,7 +235,9 @@ MANIFEST_COLUMNS = ["path", "participant", "duration", "sample_rate", "num_chann
 DEFAULT_PARTICIPANT_REGEX = r"^([A-Za-z0-9]+)[_.-]"
 
 
-def probe_audio_file(path: Path, min_seconds: float = 0.0, num_probes: int = 8, probe_seconds: float = 0.25) -> tuple[dict | None, str | None]:
+def probe_audio_file(
+    path: Path, min_seconds: float = 0.0, num_probes: int = 8, probe_seconds: float = 0.25
+) -> tuple[dict | None, str | None]:
     """Validate a file from its header and a few short reads. Returns (row, None) or (None, reason)."""
     try:
         with sf.SoundFile(str(path)) as audio:
@@ -254,7 +261,13 @@ def probe_audio_file(path: Path, min_seconds: float = 0.0, num_probes: int = 8, 
         return None, f"unreadable: {str(error).strip() or type(error).__name__}"
     if math.sqrt(sum_sq / count) < DIGITAL_SILENCE_RMS:
         return None, "digital silence"
-    row = {"path": str(path), "duration": round(duration, 3), "sample_rate": sr, "num_channels": channels, "num_frames": frames}
+    row = {
+        "path": str(path),
+        "duration": round(duration, 3),
+        "sample_rate": sr,
+        "num_channels": channels,
+        "num_frames": frames,
+    }
     return row, None
 
 
@@ -270,7 +283,9 @@ def scan_audio_folder(audio_dir, participant_regex: str = DEFAULT_PARTICIPANT_RE
     for path in find_audio_files(audio_dir):
         match = pattern.search(path.name)
         if not match or not match.group(1):
-            invalid.append({"path": str(path.resolve()), "reason": f"participant id not found by regex {participant_regex!r}"})
+            invalid.append(
+                {"path": str(path.resolve()), "reason": f"participant id not found by regex {participant_regex!r}"}
+            )
             continue
         row, reason = probe_audio_file(path.resolve(), min_seconds)
         if row is None:
@@ -339,7 +354,11 @@ def read_manifest(path) -> list[dict]:
     rows = read_tsv(path, MANIFEST_COLUMNS)
     for row in rows:
         row["duration"] = float(row["duration"])
-        row["sample_rate"], row["num_channels"], row["num_frames"] = int(row["sample_rate"]), int(row["num_channels"]), int(row["num_frames"])
+        row["sample_rate"], row["num_channels"], row["num_frames"] = (
+            int(row["sample_rate"]),
+            int(row["num_channels"]),
+            int(row["num_frames"]),
+        )
     return rows
 
 
@@ -362,7 +381,11 @@ def parse_weighted_manifests(spec: str) -> list[tuple[str, float]]:
 
 def summarize(train: list[dict], dev: list[dict], invalid: list[dict]) -> dict:
     def stats(rows):
-        return {"files": len(rows), "hours": round(sum(float(r["duration"]) for r in rows) / 3600, 4), "participants": len({r["participant"] for r in rows})}
+        return {
+            "files": len(rows),
+            "hours": round(sum(float(r["duration"]) for r in rows) / 3600, 4),
+            "participants": len({r["participant"] for r in rows}),
+        }
 
     reasons: dict[str, int] = {}
     for row in invalid:
@@ -371,7 +394,9 @@ def summarize(train: list[dict], dev: list[dict], invalid: list[dict]) -> dict:
     return {"train": stats(train), "dev": stats(dev), "invalid": {"files": len(invalid), "by_reason": reasons}}
 
 
-def prepare_manifests(audio_dir, output_dir, participant_regex=DEFAULT_PARTICIPANT_REGEX, dev_fraction=0.1, min_seconds=0.0, seed=0) -> dict:
+def prepare_manifests(
+    audio_dir, output_dir, participant_regex=DEFAULT_PARTICIPANT_REGEX, dev_fraction=0.1, min_seconds=0.0, seed=0
+) -> dict:
     """Scan, validate, split by participant and write train.tsv, dev.tsv, invalid.tsv, summary.json."""
     valid, invalid = scan_audio_folder(audio_dir, participant_regex, min_seconds)
     train, dev = split_by_participant(valid, dev_fraction, seed)
@@ -466,15 +491,23 @@ class CropStream(torch.utils.data.IterableDataset):
         self.files: list[list[dict]] = []
         names = names or [f"manifest {i}" for i in range(len(manifests))]
         for (rows, _), name in zip(manifests, names):
-            usable = [r for r in rows if target_length(int(r["num_frames"]), int(r["sample_rate"])) >= self.crop_length]
+            usable = [
+                r for r in rows if target_length(int(r["num_frames"]), int(r["sample_rate"])) >= self.crop_length
+            ]
             self.short_files += len(rows) - len(usable)
             if not usable:
-                raise ValueError(f"{name}: no file is at least one crop long ({crop_seconds} s); {len(rows)} file(s) in it")
+                raise ValueError(
+                    f"{name}: no file is at least one crop long ({crop_seconds} s); {len(rows)} file(s) in it"
+                )
             self.files.append(usable)
         weights = np.array([w for _, w in manifests], dtype=np.float64)
         self.crops_per_file = [self._crops_per_file(f, epoch_multiplier, crops_by_duration) for f in self.files]
         natural = np.array([c.sum() for c in self.crops_per_file])
-        self.crops_per_manifest = natural if len(natural) == 1 else np.maximum(1, np.round(natural.sum() * weights / weights.sum())).astype(np.int64)
+        self.crops_per_manifest = (
+            natural
+            if len(natural) == 1
+            else np.maximum(1, np.round(natural.sum() * weights / weights.sum())).astype(np.int64)
+        )
         self.crops_per_epoch = int(self.crops_per_manifest.sum())
         self.batches_per_process = self.crops_per_epoch // (batch_size * world_size)
         if self.batches_per_process == 0:
@@ -582,7 +615,9 @@ class CropStream(torch.utils.data.IterableDataset):
             window = source_window(sr, frames, int(rng.integers(span + 1)), self.crop_length)
             source = read_mono(audio, window.src_start, window.src_stop - window.src_start)
             if len(source) < window.src_stop - window.src_start:
-                raise IOError(f"read {len(source)} of {window.src_stop - window.src_start} frames at frame {window.src_start}")
+                raise OSError(
+                    f"read {len(source)} of {window.src_stop - window.src_start} frames at frame {window.src_start}"
+                )
             # Loudness of the crop measured on the source samples, so a rejected try is never resampled.
             core = source[window.offset * sr // TARGET_SAMPLE_RATE :][: self.crop_length * sr // TARGET_SAMPLE_RATE]
             rms = math.sqrt(float(np.dot(core, core)) / max(len(core), 1))
@@ -615,17 +650,28 @@ def stream_totals(per_worker: dict[int, dict]) -> dict:
 class TrainingArguments:
     """The training-loop flags pretrain.py and finetune_ctc.py share (same names, same meaning)."""
 
-    output_dir: str = field(default="runs/wav2vec2", metadata={"help": "Model, checkpoints, logs and model card go here."})
+    output_dir: str = field(
+        default="runs/wav2vec2", metadata={"help": "Model, checkpoints, logs and model card go here."}
+    )
     max_train_steps: int = field(default=1000, metadata={"help": "Optimizer updates to run."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Crops or utterances per process per micro-step."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Crops or utterances per process per micro-step."}
+    )
     per_device_eval_batch_size: int = field(default=8)
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer update."})
     learning_rate: float = field(default=5e-5)
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Any transformers scheduler name: linear, cosine, constant_with_warmup, ..."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "Any transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
+    )
     warmup_steps: int = field(default=0)
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and norms."})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and norms."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 turns it off."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
     torch_compile: bool = field(default=False)
     seed: int = field(default=0)
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
@@ -633,17 +679,36 @@ class TrainingArguments:
     eval_steps: int = field(default=500, metadata={"help": "Evaluate on dev every N updates; 0 turns it off."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N updates; 0 turns it off."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' (newest in output_dir/checkpoints, if any) or a checkpoint path."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none, or a comma list."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (newest in output_dir/checkpoints, if any) or a checkpoint path."}
+    )
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none, or a comma list."},
+    )
     push_to_hub: bool = field(default=False)
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub (default: output_dir's name)."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id for --push_to_hub (default: output_dir's name)."}
+    )
 
 
 # Flags whose smaller values would crash a run hours in (or silently do nothing), checked at parse time.
 ARGUMENT_MINIMUMS = {
-    "max_train_steps": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-    "logging_steps": 1, "warmup_steps": 0, "eval_steps": 0, "save_steps": 0, "num_workers": 0, "save_total_limit": 1,
-    "max_crop_retries": 0, "epoch_multiplier": 1, "dev_crops_per_file": 1, "num_negatives": 1, "max_grad_norm": 0,
+    "max_train_steps": 1,
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "logging_steps": 1,
+    "warmup_steps": 0,
+    "eval_steps": 0,
+    "save_steps": 0,
+    "num_workers": 0,
+    "save_total_limit": 1,
+    "max_crop_retries": 0,
+    "epoch_multiplier": 1,
+    "dev_crops_per_file": 1,
+    "num_negatives": 1,
+    "max_grad_norm": 0,
 }
 
 
@@ -684,8 +749,14 @@ def load_feature_extractor(source: str):
         return Wav2Vec2FeatureExtractor.from_pretrained(source)
     except OSError:
         attention_mask = Wav2Vec2Config.from_pretrained(source).feat_extract_norm == "layer"
-        logger.warning("no preprocessor_config.json in %s: using 16 kHz, normalised input, attention mask %s", source, attention_mask)
-        return Wav2Vec2FeatureExtractor(sampling_rate=TARGET_SAMPLE_RATE, do_normalize=True, return_attention_mask=attention_mask)
+        logger.warning(
+            "no preprocessor_config.json in %s: using 16 kHz, normalised input, attention mask %s",
+            source,
+            attention_mask,
+        )
+        return Wav2Vec2FeatureExtractor(
+            sampling_rate=TARGET_SAMPLE_RATE, do_normalize=True, return_attention_mask=attention_mask
+        )
 
 
 def hub_base_model(name: str) -> str:
@@ -723,7 +794,15 @@ def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop:
     return accelerator, trackers
 
 
-def start_train_log(accelerator, output_dir: Path, start_step: int, arguments: dict, trackers: list[str], project: str, extra: dict | None = None) -> Path:
+def start_train_log(
+    accelerator,
+    output_dir: Path,
+    start_step: int,
+    arguments: dict,
+    trackers: list[str],
+    project: str,
+    extra: dict | None = None,
+) -> Path:
     """OUTPUT_DIR/train_log.jsonl cut back to start_step, training_args.json, and the trackers.
 
     A resumed run replaces the rows the interrupted run wrote after its last checkpoint.
@@ -736,7 +815,12 @@ def start_train_log(accelerator, output_dir: Path, start_step: int, arguments: d
         record = {name: asdict(group) for name, group in arguments.items()} | (extra or {})
         (output_dir / "training_args.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     if trackers:
-        flat = {k: v for group in arguments.values() for k, v in asdict(group).items() if isinstance(v, (int, float, str, bool))}
+        flat = {
+            k: v
+            for group in arguments.values()
+            for k, v in asdict(group).items()
+            if isinstance(v, (int, float, str, bool))
+        }
         accelerator.init_trackers(project, config=flat)
     return log_path
 
@@ -745,8 +829,9 @@ def make_loader(dataset, num_workers: int, **options) -> torch.utils.data.DataLo
     """A DataLoader with a private generator: creating its iterator must not draw from the global
     torch RNG, or a resumed run (RNG restored from the checkpoint) would diverge from an
     uninterrupted one."""
-    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       generator=torch.Generator(), **options)
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator(), **options
+    )
 
 
 def format_number(value, digits: int = 4) -> str:
@@ -787,7 +872,7 @@ def list_checkpoints(output_dir) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(CHECKPOINT_PREFIX + r"\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def resolve_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
@@ -820,14 +905,17 @@ def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, tr
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state_file = tmp / "training_state.json"
-        state_file.write_text(json.dumps({**training_state, "step": step, "run_shape": run_shape(accelerator, train_args)}, indent=2) + "\n")
+        state_file.write_text(
+            json.dumps({**training_state, "step": step, "run_shape": run_shape(accelerator, train_args)}, indent=2)
+            + "\n"
+        )
         _fsync_file(state_file)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         if train_args.save_total_limit:
-            for old in list_checkpoints(output_dir)[:-train_args.save_total_limit]:
+            for old in list_checkpoints(output_dir)[: -train_args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -840,16 +928,28 @@ def load_checkpoint(accelerator, path: Path, train_args: TrainingArguments) -> d
     state = json.loads((Path(path) / "training_state.json").read_text())
     saved, current = state.get("run_shape"), run_shape(accelerator, train_args)
     if saved and saved != current:
-        changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value)
-        logger.warning("%s\nresuming %s with %s: the run continues, but not exactly where it stopped (other crops or "
-                       "batches from here on)\n%s", "!" * 80, path, changed, "!" * 80)
+        changed = ", ".join(
+            f"{key} {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value
+        )
+        logger.warning(
+            "%s\nresuming %s with %s: the run continues, but not exactly where it stopped (other crops or "
+            "batches from here on)\n%s",
+            "!" * 80,
+            path,
+            changed,
+            "!" * 80,
+        )
     return state
 
 
 def run_shape(accelerator, train_args: TrainingArguments) -> dict:
     """What the data position in a checkpoint depends on."""
-    return {"num_processes": accelerator.num_processes, "per_device_train_batch_size": train_args.per_device_train_batch_size,
-            "gradient_accumulation_steps": train_args.gradient_accumulation_steps, "seed": train_args.seed}
+    return {
+        "num_processes": accelerator.num_processes,
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "seed": train_args.seed,
+    }
 
 
 def _fsync_file(path: Path) -> None:
@@ -881,7 +981,9 @@ def end_processes(accelerator) -> None:
     accelerator.free_memory()  # the accelerator's own references to the wrapped model
     gc.collect()
     if any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()):
-        logger.warning("a DistributedDataParallel model outlives the process group: its exit may hang (drop every reference before end_processes)")
+        logger.warning(
+            "a DistributedDataParallel model outlives the process group: its exit may hang (drop every reference before end_processes)"
+        )
     accelerator.end_training()
 
 
@@ -911,7 +1013,14 @@ def software_versions() -> dict:
     import accelerate
     import transformers
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__, "soundfile": sf.__version__, "soxr": soxr.__version__}
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "soundfile": sf.__version__,
+        "soxr": soxr.__version__,
+    }
     return versions
 
 
@@ -930,9 +1039,19 @@ def push_folder_to_hub(folder, repo_id: str, commit_message: str = "Upload model
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         # Manifests and the run's arguments hold participant ids and local paths of sensitive recordings.
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                          ignore_patterns=["checkpoints/*", "*.tmp", "manifests/*", "training_args.json", "best/*", ".final/*"])
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message=commit_message,
+            ignore_patterns=["checkpoints/*", "*.tmp", "manifests/*", "training_args.json", "best/*", ".final/*"],
+        )
     except Exception as error:
-        logger.error("push to the hub failed (%s); the model is complete in %s, push it later with `hf upload %s %s`", error, folder, repo_id, folder)
+        logger.error(
+            "push to the hub failed (%s); the model is complete in %s, push it later with `hf upload %s %s`",
+            error,
+            folder,
+            repo_id,
+            folder,
+        )
         return False
     return True

@@ -82,8 +82,8 @@ import os
 import re
 import struct
 import time
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,19 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Wav2Vec2Model
 
-from common import TARGET_SAMPLE_RATE, conv_frames, conv_geometry, find_audio_files, load_feature_extractor, normalize_waveform, read_mono, read_tsv, source_window, target_length, write_tsv
+from common import (
+    TARGET_SAMPLE_RATE,
+    conv_frames,
+    conv_geometry,
+    find_audio_files,
+    load_feature_extractor,
+    normalize_waveform,
+    read_mono,
+    read_tsv,
+    source_window,
+    target_length,
+    write_tsv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +123,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files, folders or manifest .tsv files")
     parser.add_argument("--model_name_or_path", required=True, help="any wav2vec2 checkpoint: hub id or local folder")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--layers", default="last", help="'last', 'all', or hidden-state indices such as '6,12' (see above)")
+    parser.add_argument(
+        "--layers", default="last", help="'last', 'all', or hidden-state indices such as '6,12' (see above)"
+    )
     parser.add_argument("--pooling", choices=["none", "mean", "meanstd"], default="none")
     parser.add_argument("--format", choices=["npy", "pt", "safetensors"], default="npy")
-    parser.add_argument("--segments", help="RTTM (file ids = input file names without extension) or TSV with path, start, end[, label]")
+    parser.add_argument(
+        "--segments", help="RTTM (file ids = input file names without extension) or TSV with path, start, end[, label]"
+    )
     parser.add_argument("--chunk_seconds", type=float, default=30.0)
-    parser.add_argument("--context_seconds", type=float, default=5.0, help="audio on each side of a chunk, run and then dropped")
+    parser.add_argument(
+        "--context_seconds", type=float, default=5.0, help="audio on each side of a chunk, run and then dropped"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", help="default: the process's accelerator device, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--num_workers", type=int, default=1, help="background processes reading audio; 0 reads in the main process")
+    parser.add_argument(
+        "--num_workers", type=int, default=1, help="background processes reading audio; 0 reads in the main process"
+    )
     parser.add_argument("--skip_existing", action="store_true", help="keep outputs that are already complete")
     args = parser.parse_args(argv)
 
@@ -130,11 +150,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.segments and not os.path.isfile(args.segments):
         parser.error(f"--segments {args.segments}: file not found")
     if not args.inputs and not (args.segments and not is_rttm(args.segments)):
-        parser.error("give at least one INPUT (audio file, folder or manifest .tsv), or a --segments TSV naming the files")
+        parser.error(
+            "give at least one INPUT (audio file, folder or manifest .tsv), or a --segments TSV naming the files"
+        )
     if args.inputs and args.segments and not is_rttm(args.segments):
         parser.error("a --segments TSV names its own files: give no INPUT with it")
     if not re.fullmatch(r"last|all|\d+(,\d+)*", args.layers):
-        parser.error(f"--layers {args.layers!r}: expected 'last', 'all' or comma-separated layer indices such as '6,12'")
+        parser.error(
+            f"--layers {args.layers!r}: expected 'last', 'all' or comma-separated layer indices such as '6,12'"
+        )
     if args.chunk_seconds <= 0:
         parser.error(f"--chunk_seconds {args.chunk_seconds}: must be > 0")
     if args.context_seconds < 0:
@@ -208,14 +232,18 @@ def read_segments(path: str) -> list[tuple[str, float, float, str]]:
                 start, duration = float(fields[3]), float(fields[4])
                 label = fields[7]
             except (IndexError, ValueError):
-                raise ValueError(f"--segments {path} line {n}: not an RTTM SPEAKER line: {' '.join(fields)!r}") from None
+                raise ValueError(
+                    f"--segments {path} line {n}: not an RTTM SPEAKER line: {' '.join(fields)!r}"
+                ) from None
             segments.append((fields[1], start, start + duration, label, n))
     else:
         for n, row in enumerate(read_tsv(path, ["path", "start", "end"]), 2):
             try:
                 start, end = float(row["start"]), float(row["end"])
             except ValueError:
-                raise ValueError(f"--segments {path} line {n}: start/end {row['start']!r}, {row['end']!r} are not numbers") from None
+                raise ValueError(
+                    f"--segments {path} line {n}: start/end {row['start']!r}, {row['end']!r} are not numbers"
+                ) from None
             segments.append((os.path.abspath(row["path"]), start, end, row.get("label") or "", n))
     for _, start, end, _, n in segments:
         if not 0 <= start < end or not math.isfinite(end):
@@ -241,22 +269,40 @@ def make_jobs(sources: dict[str, str], segments: list | None, extension: str) ->
             else:
                 source, name = by_key[key]
                 suffix = "_" + re.sub(r"[^A-Za-z0-9.-]", "_", label) if label else ""
-                jobs.append(Job(source, f"{name}/{round(start * 1000):09d}-{round(end * 1000):09d}{suffix}.{extension}", start, end, label))
+                jobs.append(
+                    Job(
+                        source,
+                        f"{name}/{round(start * 1000):09d}-{round(end * 1000):09d}{suffix}.{extension}",
+                        start,
+                        end,
+                        label,
+                    )
+                )
         if ambiguous:
-            raise ValueError(f"--segments file id(s) {sorted(ambiguous)[:5]} match several input files; give the inputs in separate runs")
+            raise ValueError(
+                f"--segments file id(s) {sorted(ambiguous)[:5]} match several input files; give the inputs in separate runs"
+            )
         if unmatched:
-            logger.warning("%d segment file id(s)/path(s) match no input, e.g. %s", len(unmatched), sorted(unmatched)[:3])
+            logger.warning(
+                "%d segment file id(s)/path(s) match no input, e.g. %s", len(unmatched), sorted(unmatched)[:3]
+            )
         if segments and not jobs:
-            raise ValueError("no --segments entry matches an input file (RTTM file ids are matched to file names without extension)")
+            raise ValueError(
+                "no --segments entry matches an input file (RTTM file ids are matched to file names without extension)"
+            )
         jobs = list(dict.fromkeys(jobs))  # the same segment listed twice is extracted once
     by_output: dict[str, Job] = {}
     for job in jobs:
         other = by_output.setdefault(job.output, job)
         if other.source != job.source:
-            raise ValueError(f"{other.source} and {job.source} would both be written to {job.output}; extract them into separate output folders")
+            raise ValueError(
+                f"{other.source} and {job.source} would both be written to {job.output}; extract them into separate output folders"
+            )
         if other != job:  # times equal to the millisecond, or labels equal once made file-name safe
-            raise ValueError(f"--segments: two segments of {job.source} ({other.start}-{other.end} {other.label!r} and "
-                             f"{job.start}-{job.end} {job.label!r}) would both be written to {job.output}")
+            raise ValueError(
+                f"--segments: two segments of {job.source} ({other.start}-{other.end} {other.label!r} and "
+                f"{job.start}-{job.end} {job.label!r}) would both be written to {job.output}"
+            )
     return jobs
 
 
@@ -274,7 +320,15 @@ class Window:
     dest: int  # output frame of window frame `keep`
 
 
-def plan_windows(region_start: int, region_length: int, file_length: int, chunk_frames: int, context_frames: int, receptive_field: int = 400, stride: int = 320) -> tuple[int, list[Window]]:
+def plan_windows(
+    region_start: int,
+    region_length: int,
+    file_length: int,
+    chunk_frames: int,
+    context_frames: int,
+    receptive_field: int = 400,
+    stride: int = 320,
+) -> tuple[int, list[Window]]:
     """Frames of a region, and the windows that compute them.
 
     Frame i of the region covers samples region_start + stride * i + [0, receptive_field). The
@@ -304,7 +358,9 @@ def plan_windows(region_start: int, region_length: int, file_length: int, chunk_
         count = min(chunk_frames, num_frames - chunk_start)
         window_first = min(max(chunk_start - context_frames, first), last - window_frames)
         length = stride * (window_frames - 1) + receptive_field
-        windows.append(Window(region_start + stride * window_first, length, chunk_start - window_first, count, chunk_start))
+        windows.append(
+            Window(region_start + stride * window_first, length, chunk_start - window_first, count, chunk_start)
+        )
     return num_frames, windows
 
 
@@ -315,7 +371,7 @@ def read_window(audio: sf.SoundFile, start: int, length: int) -> np.ndarray:
     wanted = window.src_stop - window.src_start
     source = read_mono(audio, window.src_start, wanted)
     if len(source) < wanted:
-        raise IOError(f"truncated: read {len(source)} of {wanted} frames at frame {window.src_start}")
+        raise OSError(f"truncated: read {len(source)} of {wanted} frames at frame {window.src_start}")
     return window.resample(source, audio.samplerate)
 
 
@@ -326,7 +382,16 @@ class WindowReader(torch.utils.data.IterableDataset):
     {"source", "job" (or None: the whole file), "reason"} for a file or segment that cannot be extracted.
     DataLoader workers take every n-th file."""
 
-    def __init__(self, files: list[tuple[str, list[tuple[int, Job]]]], output_dir: Path, chunk_frames: int, context_frames: int, geometry: tuple[int, int], normalize: bool, skip_existing: bool):
+    def __init__(
+        self,
+        files: list[tuple[str, list[tuple[int, Job]]]],
+        output_dir: Path,
+        chunk_frames: int,
+        context_frames: int,
+        geometry: tuple[int, int],
+        normalize: bool,
+        skip_existing: bool,
+    ):
         self.files, self.output_dir = files, output_dir
         self.chunk_frames, self.context_frames, self.geometry = chunk_frames, context_frames, geometry
         self.normalize, self.skip_existing = normalize, skip_existing
@@ -346,7 +411,14 @@ class WindowReader(torch.utils.data.IterableDataset):
     def _read_job(self, audio, file_length, job_id, job):
         region_start = round(job.start * TARGET_SAMPLE_RATE)
         region_stop = file_length if job.end is None else min(file_length, round(job.end * TARGET_SAMPLE_RATE))
-        num_frames, windows = plan_windows(region_start, region_stop - region_start, file_length, self.chunk_frames, self.context_frames, *self.geometry)
+        num_frames, windows = plan_windows(
+            region_start,
+            region_stop - region_start,
+            file_length,
+            self.chunk_frames,
+            self.context_frames,
+            *self.geometry,
+        )
         if num_frames == 0:
             if file_length == 0:
                 reason = "empty file (no samples)"
@@ -357,13 +429,25 @@ class WindowReader(torch.utils.data.IterableDataset):
             yield {"source": job.source, "job": (job_id, job), "reason": reason}
             return
         if self.skip_existing and (self.output_dir / job.output).exists():
-            yield {"job": (job_id, job), "num_frames": num_frames, "end": region_stop / TARGET_SAMPLE_RATE, "exists": True}
+            yield {
+                "job": (job_id, job),
+                "num_frames": num_frames,
+                "end": region_stop / TARGET_SAMPLE_RATE,
+                "exists": True,
+            }
             return
         for window in windows:
             samples = read_window(audio, window.start, window.length)
             if self.normalize:
                 samples = normalize_waveform(samples)
-            yield {"job": (job_id, job), "window": window, "num_frames": num_frames, "num_windows": len(windows), "end": region_stop / TARGET_SAMPLE_RATE, "samples": torch.from_numpy(samples)}
+            yield {
+                "job": (job_id, job),
+                "window": window,
+                "num_frames": num_frames,
+                "num_windows": len(windows),
+                "end": region_stop / TARGET_SAMPLE_RATE,
+                "samples": torch.from_numpy(samples),
+            }
 
 
 def as_is(item):
@@ -399,7 +483,9 @@ def batches(items, batch_size: int, full_window: int, pad_with_mask: bool):
             yield "batch", batch
 
 
-def run_model(model, items: list[dict], layers: list[int] | None, device, dtype, pad_with_mask: bool) -> list[np.ndarray]:
+def run_model(
+    model, items: list[dict], layers: list[int] | None, device, dtype, pad_with_mask: bool
+) -> list[np.ndarray]:
     """The kept frames of each window, as (layers, frames, dim) float32 arrays."""
     lengths = [len(item["samples"]) for item in items]
     inputs = torch.zeros(len(items), max(lengths))
@@ -409,9 +495,18 @@ def run_model(model, items: list[dict], layers: list[int] | None, device, dtype,
     if pad_with_mask and min(lengths) < max(lengths):
         attention_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().to(device)
     with torch.inference_mode():
-        output = model(inputs.to(device, dtype), attention_mask=attention_mask, output_hidden_states=layers is not None)
-        stacked = output.last_hidden_state[None] if layers is None else torch.stack([output.hidden_states[i] for i in layers])
-        kept = [stacked[:, row, item["window"].keep : item["window"].keep + item["window"].count] for row, item in enumerate(items)]
+        output = model(
+            inputs.to(device, dtype), attention_mask=attention_mask, output_hidden_states=layers is not None
+        )
+        stacked = (
+            output.last_hidden_state[None]
+            if layers is None
+            else torch.stack([output.hidden_states[i] for i in layers])
+        )
+        kept = [
+            stacked[:, row, item["window"].keep : item["window"].keep + item["window"].count]
+            for row, item in enumerate(items)
+        ]
         return [features.float().cpu().numpy() for features in kept]
 
 
@@ -428,8 +523,23 @@ class FeatureWriter:
     under a temporary name and appears under its own only when complete.
     """
 
-    def __init__(self, path: Path, fmt: str, pooling: str, layers_frames_dim: tuple[int, int, int], shape: tuple[int, ...], metadata: dict[str, str]):
-        self.path, self.tmp, self.fmt, self.pooling, self.shape, self.metadata = path, path.with_name(path.name + ".partial"), fmt, pooling, shape, metadata
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        pooling: str,
+        layers_frames_dim: tuple[int, int, int],
+        shape: tuple[int, ...],
+        metadata: dict[str, str],
+    ):
+        self.path, self.tmp, self.fmt, self.pooling, self.shape, self.metadata = (
+            path,
+            path.with_name(path.name + ".partial"),
+            fmt,
+            pooling,
+            shape,
+            metadata,
+        )
         self.num_layers, self.num_frames, self.dim = layers_frames_dim
         path.parent.mkdir(parents=True, exist_ok=True)
         if pooling == "none":
@@ -448,7 +558,14 @@ class FeatureWriter:
             np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": self.shape})
             return buffer.getvalue()
         if self.fmt == "safetensors":
-            header = {"features": {"dtype": "F32", "shape": list(self.shape), "data_offsets": [0, 4 * math.prod(self.shape)]}, "__metadata__": self.metadata}
+            header = {
+                "features": {
+                    "dtype": "F32",
+                    "shape": list(self.shape),
+                    "data_offsets": [0, 4 * math.prod(self.shape)],
+                },
+                "__metadata__": self.metadata,
+            }
             text = json.dumps(header, separators=(",", ":")).encode()
             text += b" " * (-len(text) % 8)
             return struct.pack("<Q", len(text)) + text
@@ -471,13 +588,20 @@ class FeatureWriter:
             if self.fmt == "pt":
                 raw = self.tmp.with_name(self.tmp.name + ".raw")
                 os.replace(self.tmp, raw)
-                torch.save(torch.from_file(str(raw), shared=True, size=math.prod(self.shape), dtype=torch.float32).view(self.shape), self.tmp)
+                torch.save(
+                    torch.from_file(str(raw), shared=True, size=math.prod(self.shape), dtype=torch.float32).view(
+                        self.shape
+                    ),
+                    self.tmp,
+                )
                 raw.unlink()
         else:
             mean = self.sum / self.num_frames
             pooled = mean
             if self.pooling == "meanstd":
-                pooled = np.concatenate([mean, np.sqrt(np.maximum(self.sum_sq / self.num_frames - mean**2, 0))], axis=-1)
+                pooled = np.concatenate(
+                    [mean, np.sqrt(np.maximum(self.sum_sq / self.num_frames - mean**2, 0))], axis=-1
+                )
             pooled = pooled.astype(np.float32).reshape(self.shape)
             if self.fmt == "npy":
                 with open(self.tmp, "wb") as f:
@@ -497,9 +621,23 @@ class FeatureWriter:
 class OutputFiles:
     """This process's open output files, index rows and failures."""
 
-    def __init__(self, output_dir: Path, fmt: str, pooling: str, layers_column: str, layer_axis: bool, dim: int, frame_rate: float):
+    def __init__(
+        self,
+        output_dir: Path,
+        fmt: str,
+        pooling: str,
+        layers_column: str,
+        layer_axis: bool,
+        dim: int,
+        frame_rate: float,
+    ):
         self.output_dir, self.fmt, self.pooling, self.layers_column = output_dir, fmt, pooling, layers_column
-        self.num_layers, self.layer_axis, self.dim, self.frame_rate = len(layers_column.split(",")), layer_axis, dim, frame_rate
+        self.num_layers, self.layer_axis, self.dim, self.frame_rate = (
+            len(layers_column.split(",")),
+            layer_axis,
+            dim,
+            frame_rate,
+        )
         self.writers: dict[int, FeatureWriter] = {}
         self.windows_left: dict[int, int] = {}
         self.failed_sources: set[str] = set()
@@ -507,7 +645,9 @@ class OutputFiles:
         self.failures: list[dict] = []
 
     def shape(self, num_frames: int) -> tuple[int, ...]:
-        per_layer = (num_frames, self.dim) if self.pooling == "none" else ((2 if self.pooling == "meanstd" else 1) * self.dim,)
+        per_layer = (
+            (num_frames, self.dim) if self.pooling == "none" else ((2 if self.pooling == "meanstd" else 1) * self.dim,)
+        )
         return (self.num_layers, *per_layer) if self.layer_axis else per_layer
 
     def add(self, item: dict, features: np.ndarray) -> None:
@@ -515,9 +655,18 @@ class OutputFiles:
         if job.source in self.failed_sources:
             return  # the file broke after this window was read
         if job_id not in self.writers:
-            metadata = {"source": job.source, "start": f"{job.start:.3f}", "end": f"{item['end']:.3f}", "frame_rate": f"{self.frame_rate:g}", "layers": self.layers_column, "pooling": self.pooling}
+            metadata = {
+                "source": job.source,
+                "start": f"{job.start:.3f}",
+                "end": f"{item['end']:.3f}",
+                "frame_rate": f"{self.frame_rate:g}",
+                "layers": self.layers_column,
+                "pooling": self.pooling,
+            }
             dims = (self.num_layers, item["num_frames"], self.dim)
-            self.writers[job_id] = FeatureWriter(self.output_dir / job.output, self.fmt, self.pooling, dims, self.shape(item["num_frames"]), metadata)
+            self.writers[job_id] = FeatureWriter(
+                self.output_dir / job.output, self.fmt, self.pooling, dims, self.shape(item["num_frames"]), metadata
+            )
             self.windows_left[job_id] = item["num_windows"]
         self.writers[job_id].add(features, item["window"].dest)
         self.windows_left[job_id] -= 1
@@ -527,14 +676,34 @@ class OutputFiles:
 
     def done(self, item: dict) -> None:
         job = item["job"][1]
-        self.rows.append({"source": job.source, "output": job.output, "start": f"{job.start:.3f}", "end": f"{item['end']:.3f}", "label": job.label, "num_frames": item["num_frames"],
-                          "shape": "x".join(map(str, self.shape(item["num_frames"]))), "frame_rate": f"{self.frame_rate:g}", "layers": self.layers_column, "pooling": self.pooling})
+        self.rows.append(
+            {
+                "source": job.source,
+                "output": job.output,
+                "start": f"{job.start:.3f}",
+                "end": f"{item['end']:.3f}",
+                "label": job.label,
+                "num_frames": item["num_frames"],
+                "shape": "x".join(map(str, self.shape(item["num_frames"]))),
+                "frame_rate": f"{self.frame_rate:g}",
+                "layers": self.layers_column,
+                "pooling": self.pooling,
+            }
+        )
 
     def fail(self, item: dict) -> None:
         logger.warning("skipping %s: %s", item["source"], item["reason"])
         if item["job"] is not None:  # one segment
             job = item["job"][1]
-            self.failures.append({"source": job.source, "start": job.start, "end": job.end, "label": job.label, "reason": item["reason"]})
+            self.failures.append(
+                {
+                    "source": job.source,
+                    "start": job.start,
+                    "end": job.end,
+                    "label": job.label,
+                    "reason": item["reason"],
+                }
+            )
             return
         self.failures.append({"source": item["source"], "reason": item["reason"]})
         self.failed_sources.add(item["source"])  # outputs of it not complete yet are dropped
@@ -574,9 +743,13 @@ def main(argv=None) -> dict:
     # accelerate forms a group of CPU processes (torchrun without GPUs) only when told it is on CPU.
     # Processes that finish their share early wait for the slowest at the end, which on a large
     # corpus can take hours: far past the process group's default timeout (10-30 minutes).
-    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(days=7))
+    state = PartialState(
+        cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(days=7)
+    )
     if int(os.environ.get("WORLD_SIZE", "1")) != state.num_processes:
-        raise SystemExit(f"error: launched as {os.environ['WORLD_SIZE']} processes, but accelerate sees {state.num_processes}; for CPU processes set ACCELERATE_USE_CPU=1")
+        raise SystemExit(
+            f"error: launched as {os.environ['WORLD_SIZE']} processes, but accelerate sees {state.num_processes}; for CPU processes set ACCELERATE_USE_CPU=1"
+        )
     device = torch.device(args.device) if args.device else state.device
     output_dir = Path(args.output_dir)
 
@@ -605,18 +778,30 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {error}") from None
     if config.model_type != "wav2vec2":
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path} is a {config.model_type} model, not wav2vec2")
+        raise SystemExit(
+            f"error: --model_name_or_path {args.model_name_or_path} is a {config.model_type} model, not wav2vec2"
+        )
     if getattr(config, "add_adapter", False):
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path} has an adapter, which changes the frame rate; not supported")
+        raise SystemExit(
+            f"error: --model_name_or_path {args.model_name_or_path} has an adapter, which changes the frame rate; not supported"
+        )
     if args.layers == "last":
         layers = None
     else:
-        layers = list(range(config.num_hidden_layers + 1)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
+        layers = (
+            list(range(config.num_hidden_layers + 1))
+            if args.layers == "all"
+            else [int(i) for i in args.layers.split(",")]
+        )
         if max(layers) > config.num_hidden_layers:
-            raise SystemExit(f"error: --layers {args.layers}: the model has hidden states 0..{config.num_hidden_layers}")
+            raise SystemExit(
+                f"error: --layers {args.layers}: the model has hidden states 0..{config.num_hidden_layers}"
+            )
     feature_extractor = load_feature_extractor(args.model_name_or_path)
     if feature_extractor.sampling_rate != TARGET_SAMPLE_RATE:
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path} expects {feature_extractor.sampling_rate} Hz audio; only {TARGET_SAMPLE_RATE} Hz models are supported")
+        raise SystemExit(
+            f"error: --model_name_or_path {args.model_name_or_path} expects {feature_extractor.sampling_rate} Hz audio; only {TARGET_SAMPLE_RATE} Hz models are supported"
+        )
     model = Wav2Vec2Model.from_pretrained(args.model_name_or_path, dtype=DTYPES[args.dtype])
     if layers is not None:  # layers above the highest one asked for are never run
         del model.encoder.layers[max(1, max(layers)) :]
@@ -635,30 +820,50 @@ def main(argv=None) -> dict:
         previous = json.loads(config_file.read_text())
         changed = {key: [previous.get(key), value] for key, value in settings.items() if previous.get(key) != value}
         if changed:
-            raise SystemExit(f"error: --skip_existing: {output_dir} holds outputs made with other settings {changed} ([old, new]); use the same flags or another --output_dir")
+            raise SystemExit(
+                f"error: --skip_existing: {output_dir} holds outputs made with other settings {changed} ([old, new]); use the same flags or another --output_dir"
+            )
     state.wait_for_everyone()
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config_file.write_text(json.dumps(settings, indent=2) + "\n")
 
     # Loop
-    reader = WindowReader(my_files, output_dir, chunk_frames, context_frames, (receptive_field, stride), feature_extractor.do_normalize, args.skip_existing)
+    reader = WindowReader(
+        my_files,
+        output_dir,
+        chunk_frames,
+        context_frames,
+        (receptive_field, stride),
+        feature_extractor.do_normalize,
+        args.skip_existing,
+    )
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.num_workers, collate_fn=as_is)
     layers_column = "last" if layers is None else ",".join(map(str, layers))
     layer_axis = args.layers == "all" or (layers is not None and len(layers) > 1)
-    outputs = OutputFiles(output_dir, args.format, args.pooling, layers_column, layer_axis, config.hidden_size, frame_rate)
+    outputs = OutputFiles(
+        output_dir, args.format, args.pooling, layers_column, layer_axis, config.hidden_size, frame_rate
+    )
     total_hours = sum(region_seconds(job) for _, file_jobs in my_files for _, job in file_jobs) / 3600
-    progress = tqdm(total=total_hours, unit="h", disable=not state.is_local_main_process,
-                    bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio hours [{elapsed}<{remaining}{postfix}]")
+    progress = tqdm(
+        total=total_hours,
+        unit="h",
+        disable=not state.is_local_main_process,
+        bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio hours [{elapsed}<{remaining}{postfix}]",
+    )
     audio_seconds, started, cpu_started = 0.0, time.perf_counter(), time.process_time()
     try:
         for kind, payload in batches(loader, args.batch_size, full_window, pad_with_mask):
             if kind == "batch":
-                for item, features in zip(payload, run_model(model, payload, layers, device, DTYPES[args.dtype], pad_with_mask)):
+                for item, features in zip(
+                    payload, run_model(model, payload, layers, device, DTYPES[args.dtype], pad_with_mask)
+                ):
                     outputs.add(item, features)
                 batch_seconds = sum(item["window"].count for item in payload) / frame_rate
                 audio_seconds += batch_seconds
-                progress.set_postfix_str(f"{audio_seconds / 3600 / (time.perf_counter() - started):.3g} audio h/s", refresh=False)
+                progress.set_postfix_str(
+                    f"{audio_seconds / 3600 / (time.perf_counter() - started):.3g} audio h/s", refresh=False
+                )
                 progress.update(batch_seconds / 3600)
             elif "reason" in payload:
                 outputs.fail(payload)
@@ -677,11 +882,23 @@ def main(argv=None) -> dict:
     if state.is_main_process:
         num_outputs = merge_tables(output_dir, "index", INDEX_COLUMNS, state.num_processes)
         num_failures = merge_tables(output_dir, "failures", FAILURE_COLUMNS, state.num_processes)
-        logger.info("%d outputs listed in %s, %d failures in %s", num_outputs, output_dir / "index.tsv", num_failures, output_dir / "failures.tsv")
+        logger.info(
+            "%d outputs listed in %s, %d failures in %s",
+            num_outputs,
+            output_dir / "index.tsv",
+            num_failures,
+            output_dir / "failures.tsv",
+        )
     state.wait_for_everyone()
     state.destroy_process_group()  # now, not in the interpreter's teardown, where gloo's threads can hang it
-    return {"outputs": len(outputs.rows), "failures": len(outputs.failures), "audio_seconds": round(audio_seconds, 2), "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3), "realtime_factor": round(audio_seconds / seconds, 1) if seconds else None}
+    return {
+        "outputs": len(outputs.rows),
+        "failures": len(outputs.failures),
+        "audio_seconds": round(audio_seconds, 2),
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "realtime_factor": round(audio_seconds / seconds, 1) if seconds else None,
+    }
 
 
 if __name__ == "__main__":

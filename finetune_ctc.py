@@ -94,7 +94,7 @@ logger = logging.getLogger("finetune_ctc")
 PAD, UNK, WORD_DELIMITER = "[PAD]", "[UNK]", "|"
 # Punctuation that carries no sound. '|' is the tokenizer's word delimiter (and a common stand-in
 # for the Devanagari danda), so it must not stay in a transcript.
-DEFAULT_CHARS_TO_IGNORE = ",?.!-;:\"“”«»%…¿¡()[]{}|।॥�"
+DEFAULT_CHARS_TO_IGNORE = ',?.!-;:"“”«»%…¿¡()[]{}|।॥�'
 # Typographic apostrophes are the same letter as the typed one: "don’t" and "don't" must not differ.
 APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'"})
 MANIFEST_COLUMNS = ["path", "text", "participant", "start", "end"]
@@ -102,49 +102,123 @@ MANIFEST_COLUMNS = ["path", "text", "participant", "start", "end"]
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="facebook/wav2vec2-base", metadata={"help": "Encoder to fine-tune: a pretrain.py output folder, a hub id or any local wav2vec2 checkpoint."})
-    config_name: str | None = field(default=None, metadata={"help": "Random init from this config folder instead (tests, benchmarks); model_name_or_path is then not read."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Reuse this Wav2Vec2CTCTokenizer (e.g. an earlier fine-tuning output) instead of building the vocabulary from the training transcripts."})
-    new_ctc_head: bool = field(default=False, metadata={"help": "Start a fresh CTC head even if the model already has one (for a model fine-tuned with another vocabulary)."})
-    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the CNN feature encoder fixed (the usual choice for a pretrained encoder)."})
+    model_name_or_path: str = field(
+        default="facebook/wav2vec2-base",
+        metadata={
+            "help": "Encoder to fine-tune: a pretrain.py output folder, a hub id or any local wav2vec2 checkpoint."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Random init from this config folder instead (tests, benchmarks); model_name_or_path is then not read."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reuse this Wav2Vec2CTCTokenizer (e.g. an earlier fine-tuning output) instead of building the vocabulary from the training transcripts."
+        },
+    )
+    new_ctc_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh CTC head even if the model already has one (for a model fine-tuned with another vocabulary)."
+        },
+    )
+    freeze_feature_encoder: bool = field(
+        default=True,
+        metadata={"help": "Keep the CNN feature encoder fixed (the usual choice for a pretrained encoder)."},
+    )
     attention_dropout: float = field(default=0.1)
     activation_dropout: float = field(default=0.0)
     hidden_dropout: float = field(default=0.1)
     feat_proj_dropout: float = field(default=0.0)
     final_dropout: float = field(default=0.0, metadata={"help": "Dropout before the CTC head."})
-    layerdrop: float = field(default=0.05, metadata={"help": "Probability of skipping a whole transformer layer in a training step."})
-    mask_time_prob: float = field(default=0.05, metadata={"help": "SpecAugment: share of frames that start a masked span (only real frames, never padding)."})
+    layerdrop: float = field(
+        default=0.05, metadata={"help": "Probability of skipping a whole transformer layer in a training step."}
+    )
+    mask_time_prob: float = field(
+        default=0.05,
+        metadata={"help": "SpecAugment: share of frames that start a masked span (only real frames, never padding)."},
+    )
     mask_time_length: int = field(default=10)
     mask_feature_prob: float = field(default=0.0)
     mask_feature_length: int = field(default=10)
-    initial_blank_probability: float = field(default=0.8, metadata={"help": "A new CTC head starts out giving the blank this probability (through its bias). "
-                                                                       "Starting uniform, the encoder first collapses to all-blank output and can stay there for hundreds of steps. 0 keeps a zero bias."})
-    ctc_zero_infinity: bool = field(default=True, metadata={"help": "Zero the loss of utterances too short for their transcript instead of letting inf/nan into the gradients."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention."})
+    initial_blank_probability: float = field(
+        default=0.8,
+        metadata={
+            "help": "A new CTC head starts out giving the blank this probability (through its bias). "
+            "Starting uniform, the encoder first collapses to all-blank output and can stay there for hundreds of steps. 0 keeps a zero bias."
+        },
+    )
+    ctc_zero_infinity: bool = field(
+        default=True,
+        metadata={
+            "help": "Zero the loss of utterances too short for their transcript instead of letting inf/nan into the gradients."
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention."}
+    )
 
 
 @dataclass
 class DataArguments:
-    train_manifest: str | None = field(default=None, metadata={"help": "TSV with path and text (optional start, end, participant)."})
-    eval_manifest: str | None = field(default=None, metadata={"help": "Dev TSV; without it, whole participants of the train manifest are split off."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Without --eval_manifest: share of the train audio hours (whole participants) used for dev; 0 for no dev set."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Instead of manifests: a Hugging Face dataset (hub id or local folder)."})
+    train_manifest: str | None = field(
+        default=None, metadata={"help": "TSV with path and text (optional start, end, participant)."}
+    )
+    eval_manifest: str | None = field(
+        default=None, metadata={"help": "Dev TSV; without it, whole participants of the train manifest are split off."}
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Without --eval_manifest: share of the train audio hours (whole participants) used for dev; 0 for no dev set."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Instead of manifests: a Hugging Face dataset (hub id or local folder)."}
+    )
     dataset_config_name: str | None = field(default=None)
     train_split_name: str = field(default="train")
     eval_split_name: str = field(default="validation")
     audio_column_name: str = field(default="audio")
     text_column_name: str = field(default="text")
-    chars_to_ignore: str = field(default=DEFAULT_CHARS_TO_IGNORE, metadata={"help": "Characters deleted from transcripts (all of the string's characters)."})
-    do_lower_case: bool = field(default=True, metadata={"help": "Lowercase transcripts (scripts without case, such as Devanagari, are unaffected)."})
-    max_duration_seconds: float = field(default=20.0, metadata={"help": "Training utterances longer than this are counted, reported and handled by --long_utterances."})
-    long_utterances: str = field(default="alone", metadata={"help": "'alone': train on them in batches of their own (memory of one long utterance); 'skip': leave them out of training. Dev keeps them either way."})
-    group_by_length: bool = field(default=True, metadata={"help": "Batch utterances of similar length (less padding); off gives plain shuffled batches."})
-    eval_examples_to_log: int = field(default=3, metadata={"help": "Reference/hypothesis pairs printed at each evaluation."})
+    chars_to_ignore: str = field(
+        default=DEFAULT_CHARS_TO_IGNORE,
+        metadata={"help": "Characters deleted from transcripts (all of the string's characters)."},
+    )
+    do_lower_case: bool = field(
+        default=True,
+        metadata={"help": "Lowercase transcripts (scripts without case, such as Devanagari, are unaffected)."},
+    )
+    max_duration_seconds: float = field(
+        default=20.0,
+        metadata={
+            "help": "Training utterances longer than this are counted, reported and handled by --long_utterances."
+        },
+    )
+    long_utterances: str = field(
+        default="alone",
+        metadata={
+            "help": "'alone': train on them in batches of their own (memory of one long utterance); 'skip': leave them out of training. Dev keeps them either way."
+        },
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch utterances of similar length (less padding); off gives plain shuffled batches."},
+    )
+    eval_examples_to_log: int = field(
+        default=3, metadata={"help": "Reference/hypothesis pairs printed at each evaluation."}
+    )
 
 
 @dataclass
 class CTCTrainingArguments(TrainingArguments):
-    output_dir: str = field(default="runs/wav2vec2-ctc", metadata={"help": "Model, processor, checkpoints, logs and model card go here."})
+    output_dir: str = field(
+        default="runs/wav2vec2-ctc", metadata={"help": "Model, processor, checkpoints, logs and model card go here."}
+    )
     max_train_steps: int = field(default=10000, metadata={"help": "Optimizer updates to run."})
     learning_rate: float = field(default=1e-4)
     warmup_steps: int = field(default=500)
@@ -180,8 +254,15 @@ def make_tokenizer(vocab: dict[str, int]) -> Wav2Vec2CTCTokenizer:
     with tempfile.TemporaryDirectory() as folder:
         vocab_file = Path(folder) / "vocab.json"
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
-        return Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER,
-                                    bos_token=None, eos_token=None, do_lower_case=False)
+        return Wav2Vec2CTCTokenizer(
+            str(vocab_file),
+            unk_token=UNK,
+            pad_token=PAD,
+            word_delimiter_token=WORD_DELIMITER,
+            bos_token=None,
+            eos_token=None,
+            do_lower_case=False,
+        )
 
 
 def uncovered_characters(tokenizer, texts) -> dict[str, int]:
@@ -215,7 +296,9 @@ def read_utterance_manifest(path) -> list[dict]:
             except ValueError:
                 raise ValueError(f"{row['where']}: {key} {value!r} is not a number of seconds") from None
         if row["end"] is not None and row["end"] <= (row["start"] or 0.0):
-            raise ValueError(f"{row['where']}: end {row['end']} is not after start {row['start'] or 0.0} ({row['path']})")
+            raise ValueError(
+                f"{row['where']}: end {row['end']} is not after start {row['start'] or 0.0} ({row['path']})"
+            )
         row["participant"] = (row.get("participant") or "").strip() or None
         row["text"] = row["text"] or ""
     return rows
@@ -242,7 +325,9 @@ def measure_durations(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             continue
         start = row["start"] or 0.0
         if start >= file_seconds:
-            raise ValueError(f"{row['where']}: start {start} s is past the end of {row['path']} ({file_seconds:.3f} s)")
+            raise ValueError(
+                f"{row['where']}: start {start} s is past the end of {row['path']} ({file_seconds:.3f} s)"
+            )
         end = file_seconds if row["end"] is None else min(row["end"], file_seconds)
         readable.append({**row, "duration": end - start})
     return readable, unreadable
@@ -255,7 +340,9 @@ def check_transcripts(rows: list[dict], chars_to_ignore: str, lowercase: bool) -
             raise ValueError(f"{row['where']}: empty transcript for {row['path']}")
         normalized = normalize_text(row["text"], chars_to_ignore, lowercase)
         if not normalized:
-            raise ValueError(f"{row['where']}: transcript {row['text']!r} of {row['path']} is empty once --chars_to_ignore is removed")
+            raise ValueError(
+                f"{row['where']}: transcript {row['text']!r} of {row['path']} is empty once --chars_to_ignore is removed"
+            )
         row["text"] = normalized
 
 
@@ -287,14 +374,18 @@ def manifest_utterances(data: DataArguments, seed: int) -> tuple[list[dict], lis
     if not data.eval_manifest and data.eval_fraction > 0:
         fill_participants(train)
         if len({r["participant"] for r in train}) < 2:
-            raise ValueError(f"{data.train_manifest}: cannot split off a dev set by participant with a single participant; "
-                             "give --eval_manifest, or --eval_fraction 0 to train without one")
+            raise ValueError(
+                f"{data.train_manifest}: cannot split off a dev set by participant with a single participant; "
+                "give --eval_manifest, or --eval_fraction 0 to train without one"
+            )
         train, dev = split_by_participant(train, data.eval_fraction, seed)
         how = f"{len({r['participant'] for r in dev})} participant(s) of {data.train_manifest} ({data.eval_fraction:.0%} of the hours requested)"
     elif not data.eval_manifest:
         how = "none (--eval_fraction 0)"
     if not train:
-        raise ValueError(f"no readable training utterance in {data.train_manifest}; first problem: {bad_train[0]['path']}: {bad_train[0]['reason']}")
+        raise ValueError(
+            f"no readable training utterance in {data.train_manifest}; first problem: {bad_train[0]['path']}: {bad_train[0]['reason']}"
+        )
     return train, dev, bad_train + bad_dev, how
 
 
@@ -311,10 +402,17 @@ def dataset_utterances(data: DataArguments):
         try:
             split = load_dataset(data.dataset_name, data.dataset_config_name, split=name)
         except ValueError as error:
-            raise ValueError(f"--dataset_name {data.dataset_name}: cannot load split {name!r} ({error}); set --train_split_name/--eval_split_name") from None
-        for column, flag in ((data.audio_column_name, "--audio_column_name"), (data.text_column_name, "--text_column_name")):
+            raise ValueError(
+                f"--dataset_name {data.dataset_name}: cannot load split {name!r} ({error}); set --train_split_name/--eval_split_name"
+            ) from None
+        for column, flag in (
+            (data.audio_column_name, "--audio_column_name"),
+            (data.text_column_name, "--text_column_name"),
+        ):
             if column not in split.column_names:
-                raise ValueError(f"--dataset_name {data.dataset_name} split {name!r} has no column {column!r} ({flag}); it has {split.column_names}")
+                raise ValueError(
+                    f"--dataset_name {data.dataset_name} split {name!r} has no column {column!r} ({flag}); it has {split.column_names}"
+                )
         if isinstance(split.features[data.audio_column_name], Audio):
             split = split.cast_column(data.audio_column_name, Audio(decode=False))
         splits[name] = split
@@ -328,8 +426,16 @@ def dataset_utterances(data: DataArguments):
         for index, audio in enumerate(values):
             where = f"--dataset_name {data.dataset_name} split {name!r}, row {index}"
             label = (audio.get("path") if isinstance(audio, dict) else audio) or f"{name}[{index}]"
-            row = {"path": str(label), "where": where, "text": texts[index] or "", "start": None, "end": None,
-                   "participant": None, "split": name, "index": index}
+            row = {
+                "path": str(label),
+                "where": where,
+                "text": texts[index] or "",
+                "start": None,
+                "end": None,
+                "participant": None,
+                "split": name,
+                "index": index,
+            }
             try:
                 with open_dataset_audio(audio) as f:
                     row["duration"] = f.frames / f.samplerate
@@ -366,7 +472,9 @@ class UtteranceDataset(torch.utils.data.Dataset):
     """Utterances read on demand. A read that fails returns the error instead of raising, so the
     training run skips and counts the file rather than dying hours in."""
 
-    def __init__(self, rows: list[dict], normalize: bool, dataset_splits: dict | None = None, audio_column: str = "audio"):
+    def __init__(
+        self, rows: list[dict], normalize: bool, dataset_splits: dict | None = None, audio_column: str = "audio"
+    ):
         self.rows, self.normalize = rows, normalize
         self.dataset_splits, self.audio_column = dataset_splits, audio_column
 
@@ -403,15 +511,27 @@ class Collator:
         for row, item in enumerate(items):
             input_values[row, : lengths[row]] = torch.from_numpy(item["input_values"])
             labels[row, : len(item["labels"])] = torch.tensor(item["labels"], dtype=torch.long)
-        batch = {"input_values": input_values, "input_lengths": torch.tensor(lengths, dtype=torch.long), "labels": labels,
-                 "indices": [item["index"] for item in items], "failed": failed}
+        batch = {
+            "input_values": input_values,
+            "input_lengths": torch.tensor(lengths, dtype=torch.long),
+            "labels": labels,
+            "indices": [item["index"] for item in items],
+            "failed": failed,
+        }
         if self.use_attention_mask:
             batch["attention_mask"] = (torch.arange(width)[None] < batch["input_lengths"][:, None]).long()
         return batch
 
 
-def plan_batches(durations, batch_size: int, seed: int, epoch: int, max_duration: float, group_by_length: bool = True,
-                 bucket_batches: int = 50) -> list[list[int]]:
+def plan_batches(
+    durations,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    max_duration: float,
+    group_by_length: bool = True,
+    bucket_batches: int = 50,
+) -> list[list[int]]:
     """The batches of one epoch, a pure function of (seed, epoch).
 
     Shuffled, then sorted by duration inside buckets of `bucket_batches` batches, so a batch holds
@@ -449,10 +569,14 @@ class BatchPlan:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(self.local_batches(0))
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the training set makes fewer batches ({len(durations)} utterances, batch size {batch_size}) than there are processes ({world_size})")
+            raise ValueError(
+                f"the training set makes fewer batches ({len(durations)} utterances, batch size {batch_size}) than there are processes ({world_size})"
+            )
 
     def local_batches(self, epoch: int) -> list[list[int]]:
-        batches = plan_batches(self.durations, self.batch_size, self.seed, epoch, self.max_duration, self.group_by_length)
+        batches = plan_batches(
+            self.durations, self.batch_size, self.seed, epoch, self.max_duration, self.group_by_length
+        )
         usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank : usable : self.world_size]
 
@@ -488,8 +612,15 @@ def ctc_loss_sum(logits, frame_lengths, labels, blank: int, zero_infinity: bool)
     target_mask = labels >= 0
     # cuDNN's CTC kernel only takes int32 targets on the CPU and short labels; the native one takes anything.
     with torch.backends.cudnn.flags(enabled=False):
-        return F.ctc_loss(log_probs, labels.masked_select(target_mask), frame_lengths, target_mask.sum(-1),
-                          blank=blank, reduction="sum", zero_infinity=zero_infinity)
+        return F.ctc_loss(
+            log_probs,
+            labels.masked_select(target_mask),
+            frame_lengths,
+            target_mask.sum(-1),
+            blank=blank,
+            reduction="sum",
+            zero_infinity=zero_infinity,
+        )
 
 
 def blank_bias(probability: float, vocab_size: int) -> float:
@@ -562,13 +693,17 @@ def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str
 
 
 def main(argv=None):
-    model_args, data_args, train_args = parse_args_with_recipe([ModelArguments, DataArguments, CTCTrainingArguments], argv)
+    model_args, data_args, train_args = parse_args_with_recipe(
+        [ModelArguments, DataArguments, CTCTrainingArguments], argv
+    )
     output_dir = Path(train_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if data_args.long_utterances not in ("alone", "skip"):
         raise SystemExit(f"error: --long_utterances must be 'alone' or 'skip', not {data_args.long_utterances!r}")
     if not 0 <= model_args.initial_blank_probability < 1:
-        raise SystemExit(f"error: --initial_blank_probability must be in [0, 1), not {model_args.initial_blank_probability}")
+        raise SystemExit(
+            f"error: --initial_blank_probability must be in [0, 1), not {model_args.initial_blank_probability}"
+        )
 
     accelerator, trackers = make_accelerator(train_args, output_dir, model_args.layerdrop)
     if not accelerator.is_main_process:
@@ -587,7 +722,9 @@ def main(argv=None):
             try:
                 tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
             except OSError as error:
-                raise ValueError(f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path}: no CTC tokenizer there ({str(error).strip().splitlines()[0]})") from None
+                raise ValueError(
+                    f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path}: no CTC tokenizer there ({str(error).strip().splitlines()[0]})"
+                ) from None
             missing = uncovered_characters(tokenizer, (r["text"] for r in train_rows + dev_rows))
             if missing:
                 raise ValueError(
@@ -601,7 +738,9 @@ def main(argv=None):
             config = Wav2Vec2Config.from_pretrained(model_source)
         except OSError as error:
             flag = "--config_name" if model_args.config_name else "--model_name_or_path"
-            raise ValueError(f"{flag} {model_source}: no wav2vec2 config could be loaded ({str(error).strip().splitlines()[0]})") from None
+            raise ValueError(
+                f"{flag} {model_source}: no wav2vec2 config could be loaded ({str(error).strip().splitlines()[0]})"
+            ) from None
         check_ctc_head(model_source, config, tokenizer, model_args.new_ctc_head)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -615,23 +754,39 @@ def main(argv=None):
         logger.warning("leaving out %s (%s): %s", bad["path"], bad["where"], bad["reason"])
     unseen = uncovered_characters(tokenizer, (r["text"] for r in dev_rows))
     if unseen:
-        logger.warning("dev transcripts have characters the training transcripts lack (scored as errors): %s", describe_characters(unseen))
+        logger.warning(
+            "dev transcripts have characters the training transcripts lack (scored as errors): %s",
+            describe_characters(unseen),
+        )
     long_train = [r for r in train_rows if r["duration"] > data_args.max_duration_seconds]
     if long_train:
-        logger.warning("%d training utterance(s) (%.2f h) are longer than --max_duration_seconds %g; longest %.1f s: %s",
-                       len(long_train), sum(r["duration"] for r in long_train) / 3600, data_args.max_duration_seconds,
-                       max(r["duration"] for r in long_train),
-                       "each trained on in a batch of its own" if data_args.long_utterances == "alone" else "left out of training (--long_utterances skip)")
+        logger.warning(
+            "%d training utterance(s) (%.2f h) are longer than --max_duration_seconds %g; longest %.1f s: %s",
+            len(long_train),
+            sum(r["duration"] for r in long_train) / 3600,
+            data_args.max_duration_seconds,
+            max(r["duration"] for r in long_train),
+            "each trained on in a batch of its own"
+            if data_args.long_utterances == "alone"
+            else "left out of training (--long_utterances skip)",
+        )
         if data_args.long_utterances == "skip":
             train_rows = [r for r in train_rows if r["duration"] <= data_args.max_duration_seconds]
     # An utterance with fewer frames than its transcript needs cannot be aligned: its loss is
     # infinite. Training leaves them out (counted); dev keeps them, as errors.
     geometry = conv_geometry(config)
-    fits = [conv_frames(round(r["duration"] * TARGET_SAMPLE_RATE), *geometry) >= min_frames_for(r["labels"]) for r in train_rows]
+    fits = [
+        conv_frames(round(r["duration"] * TARGET_SAMPLE_RATE), *geometry) >= min_frames_for(r["labels"])
+        for r in train_rows
+    ]
     too_short = [r for r, ok in zip(train_rows, fits) if not ok]
     if too_short:
-        logger.warning("%d training utterance(s) are too short for their transcript and are left out, e.g. %s (%s)",
-                       len(too_short), too_short[0]["path"], too_short[0]["where"])
+        logger.warning(
+            "%d training utterance(s) are too short for their transcript and are left out, e.g. %s (%s)",
+            len(too_short),
+            too_short[0]["path"],
+            too_short[0]["where"],
+        )
         train_rows = [r for r, ok in zip(train_rows, fits) if ok]
     if not train_rows:
         raise SystemExit("error: no training utterance left (see the warnings above)")
@@ -643,22 +798,37 @@ def main(argv=None):
         write_tsv(output_dir / "manifests" / "dev.tsv", dev_rows, MANIFEST_COLUMNS)
 
     data_summary = {
-        "train_utterances": len(train_rows), "train_hours": round(sum(r["duration"] for r in train_rows) / 3600, 4),
+        "train_utterances": len(train_rows),
+        "train_hours": round(sum(r["duration"] for r in train_rows) / 3600, 4),
         "train_participants": len({r["participant"] for r in train_rows if r["participant"]}),
-        "dev_utterances": len(dev_rows), "dev_hours": round(sum(r["duration"] for r in dev_rows) / 3600, 4),
+        "dev_utterances": len(dev_rows),
+        "dev_hours": round(sum(r["duration"] for r in dev_rows) / 3600, 4),
         "dev_participants": len({r["participant"] for r in dev_rows if r["participant"]}),
-        "dev_set": dev_origin, "long_train_utterances": len(long_train), "long_utterance_policy": data_args.long_utterances,
-        "too_short_train_utterances": len(too_short), "unreadable_at_start": len(unreadable_rows), "vocab_size": len(vocab),
+        "dev_set": dev_origin,
+        "long_train_utterances": len(long_train),
+        "long_utterance_policy": data_args.long_utterances,
+        "too_short_train_utterances": len(too_short),
+        "unreadable_at_start": len(unreadable_rows),
+        "vocab_size": len(vocab),
     }
     logger.info("data: %s", json.dumps(data_summary))
 
     # ------------------------------------------------------------------ model
     overrides = dict(
-        vocab_size=len(vocab), pad_token_id=tokenizer.pad_token_id, ctc_loss_reduction="mean", ctc_zero_infinity=model_args.ctc_zero_infinity,
-        attention_dropout=model_args.attention_dropout, activation_dropout=model_args.activation_dropout, hidden_dropout=model_args.hidden_dropout,
-        feat_proj_dropout=model_args.feat_proj_dropout, final_dropout=model_args.final_dropout, layerdrop=model_args.layerdrop,
-        mask_time_prob=model_args.mask_time_prob, mask_time_length=model_args.mask_time_length,
-        mask_feature_prob=model_args.mask_feature_prob, mask_feature_length=model_args.mask_feature_length,
+        vocab_size=len(vocab),
+        pad_token_id=tokenizer.pad_token_id,
+        ctc_loss_reduction="mean",
+        ctc_zero_infinity=model_args.ctc_zero_infinity,
+        attention_dropout=model_args.attention_dropout,
+        activation_dropout=model_args.activation_dropout,
+        hidden_dropout=model_args.hidden_dropout,
+        feat_proj_dropout=model_args.feat_proj_dropout,
+        final_dropout=model_args.final_dropout,
+        layerdrop=model_args.layerdrop,
+        mask_time_prob=model_args.mask_time_prob,
+        mask_time_length=model_args.mask_time_length,
+        mask_feature_prob=model_args.mask_feature_prob,
+        mask_feature_length=model_args.mask_feature_length,
     )
     if model_args.config_name:
         config = Wav2Vec2Config.from_pretrained(model_args.config_name, **overrides)
@@ -668,11 +838,20 @@ def main(argv=None):
         # A plain from_pretrained: a local folder is a model to start from, never a checkpoint to
         # resume (resuming is --resume_from_checkpoint's job only).
         model, loading = Wav2Vec2ForCTC.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-            ignore_mismatched_sizes=model_args.new_ctc_head, output_loading_info=True, **overrides)
+            model_args.model_name_or_path,
+            attn_implementation=model_args.attn_implementation,
+            ignore_mismatched_sizes=model_args.new_ctc_head,
+            output_loading_info=True,
+            **overrides,
+        )
         fresh_encoder = [k for k in loading["missing_keys"] if k.startswith("wav2vec2.")]
         if fresh_encoder:
-            logger.warning("%s lacks %d encoder weight(s) (e.g. %s): they start random", model_args.model_name_or_path, len(fresh_encoder), fresh_encoder[0])
+            logger.warning(
+                "%s lacks %d encoder weight(s) (e.g. %s): they start random",
+                model_args.model_name_or_path,
+                len(fresh_encoder),
+                fresh_encoder[0],
+            )
         if model_args.new_ctc_head:
             torch.nn.init.normal_(model.lm_head.weight, std=model.config.initializer_range)
             torch.nn.init.zeros_(model.lm_head.bias)
@@ -690,18 +869,31 @@ def main(argv=None):
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_attention_mask = bool(feature_extractor.return_attention_mask)
-    logger.info("model: %s, %.2f M parameters (%.2f M trained), attention mask: %s", base_model,
-                sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-                "yes" if use_attention_mask else "no (zero padding, as the model was pretrained)")
+    logger.info(
+        "model: %s, %.2f M parameters (%.2f M trained), attention mask: %s",
+        base_model,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "yes" if use_attention_mask else "no (zero padding, as the model was pretrained)",
+    )
 
     # ------------------------------------------------------------------ loaders
-    collate = Collator(use_attention_mask, min_samples=samples_for_frames(model.config, max(model_args.mask_time_length, 2) + 1))
+    collate = Collator(
+        use_attention_mask, min_samples=samples_for_frames(model.config, max(model_args.mask_time_length, 2) + 1)
+    )
     normalize = bool(feature_extractor.do_normalize)
     train_set = UtteranceDataset(train_rows, normalize, dataset_splits, data_args.audio_column_name)
     dev_set = UtteranceDataset(dev_rows, normalize, dataset_splits, data_args.audio_column_name)
     try:
-        plan = BatchPlan([r["duration"] for r in train_rows], train_args.per_device_train_batch_size, train_args.seed,
-                         data_args.max_duration_seconds, data_args.group_by_length, accelerator.process_index, accelerator.num_processes)
+        plan = BatchPlan(
+            [r["duration"] for r in train_rows],
+            train_args.per_device_train_batch_size,
+            train_args.seed,
+            data_args.max_duration_seconds,
+            data_args.group_by_length,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -719,7 +911,12 @@ def main(argv=None):
     # ------------------------------------------------------------------ optimizer, resume
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     # Stepped by hand once per update: accelerate's wrapper would step it once per process.
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps, num_training_steps=train_args.max_train_steps)
+    scheduler = get_scheduler(
+        train_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=train_args.warmup_steps,
+        num_training_steps=train_args.max_train_steps,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -729,15 +926,30 @@ def main(argv=None):
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, train_args)
         if state.get("vocab") != vocab:
-            raise SystemExit(f"error: vocabulary mismatch: {checkpoint} was trained with another vocabulary "
-                             f"({len(state.get('vocab') or {})} tokens, this run builds {len(vocab)}): did the transcripts or --chars_to_ignore change?")
+            raise SystemExit(
+                f"error: vocabulary mismatch: {checkpoint} was trained with another vocabulary "
+                f"({len(state.get('vocab') or {})} tokens, this run builds {len(vocab)}): did the transcripts or --chars_to_ignore change?"
+            )
         start_step = state["step"]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, start_step, state["epoch"], state["batch_in_epoch"])
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint,
+            start_step,
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
     position = {"epoch": state.get("epoch", 0), "batch_in_epoch": state.get("batch_in_epoch", 0)}
     best = state.get("best") or {}  # the evaluation of the best model so far, kept in OUTPUT_DIR/best
     unreadable: set[str] = set(state.get("unreadable", []))
-    log_path = start_train_log(accelerator, output_dir, start_step, {"model": model_args, "data": data_args, "training": train_args},
-                               trackers, "finetune_ctc", extra={"data_summary": data_summary})
+    log_path = start_train_log(
+        accelerator,
+        output_dir,
+        start_step,
+        {"model": model_args, "data": data_args, "training": train_args},
+        trackers,
+        "finetune_ctc",
+        extra={"data_summary": data_summary},
+    )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(step: int) -> dict:
@@ -754,7 +966,12 @@ def main(argv=None):
                 logits = unwrapped(inputs, attention_mask=mask).logits
                 frames = unwrapped._get_feat_extract_output_lengths(batch["input_lengths"]).to(accelerator.device)
                 labels = batch["labels"].to(accelerator.device)
-                sums += torch.stack([ctc_loss_sum(logits, frames, labels, tokenizer.pad_token_id, True).double(), (labels >= 0).sum().double()])
+                sums += torch.stack(
+                    [
+                        ctc_loss_sum(logits, frames, labels, tokenizer.pad_token_id, True).double(),
+                        (labels >= 0).sum().double(),
+                    ]
+                )
                 local += list(zip(batch["indices"], greedy_decode(tokenizer, logits, frames)))
         unwrapped.train()
         sums = accelerator.reduce(sums, reduction="sum")
@@ -766,12 +983,29 @@ def main(argv=None):
         refs, hyps = [dev_rows[i]["text"] for i in scored], [decoded[i] for i in scored]
         words, chars = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
         result = {
-            "step": step, "eval_loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval_wer": words.wer, "eval_cer": chars.cer,
-            "eval_utterances": len(scored), "eval_words": sum(len(r.split()) for r in refs), "eval_chars": sum(len(r) for r in refs),
-            "eval_word_substitutions": words.substitutions, "eval_word_deletions": words.deletions, "eval_word_insertions": words.insertions,
-            "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[: data_args.eval_examples_to_log], hyps[: data_args.eval_examples_to_log])],
+            "step": step,
+            "eval_loss": (sums[0] / sums[1].clamp(min=1)).item(),
+            "eval_wer": words.wer,
+            "eval_cer": chars.cer,
+            "eval_utterances": len(scored),
+            "eval_words": sum(len(r.split()) for r in refs),
+            "eval_chars": sum(len(r) for r in refs),
+            "eval_word_substitutions": words.substitutions,
+            "eval_word_deletions": words.deletions,
+            "eval_word_insertions": words.insertions,
+            "examples": [
+                {"ref": r, "hyp": h}
+                for r, h in zip(refs[: data_args.eval_examples_to_log], hyps[: data_args.eval_examples_to_log])
+            ],
         }
-        logger.info("step %d: dev WER %.4f, CER %.4f, loss %.4f (%d utterances)", step, result["eval_wer"], result["eval_cer"], result["eval_loss"], len(scored))
+        logger.info(
+            "step %d: dev WER %.4f, CER %.4f, loss %.4f (%d utterances)",
+            step,
+            result["eval_wer"],
+            result["eval_cer"],
+            result["eval_loss"],
+            len(scored),
+        )
         for example in result["examples"]:
             logger.info("  ref: %s\n  hyp: %s", example["ref"], example["hyp"])
         return result
@@ -782,7 +1016,9 @@ def main(argv=None):
             return
         best = {k: v for k, v in result.items() if k != "examples"}
         if accelerator.is_main_process:
-            save_model_folder(output_dir / "best", unwrapped, processor, {"eval_results.json": json.dumps(best, indent=2) + "\n"})
+            save_model_folder(
+                output_dir / "best", unwrapped, processor, {"eval_results.json": json.dumps(best, indent=2) + "\n"}
+            )
         accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ training loop
@@ -791,10 +1027,17 @@ def main(argv=None):
     positions = plan.iterate(position["epoch"], position["batch_in_epoch"])
     batches = iter(loader(train_set, _PlanSampler(plan, position["epoch"], position["batch_in_epoch"])))
     blank = tokenizer.pad_token_id
-    window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, characters, audio samples, padded samples, utterances
+    window = torch.zeros(
+        5, dtype=torch.float64, device=accelerator.device
+    )  # loss, characters, audio samples, padded samples, utterances
     window_steps, window_start, grad_norm = 0, time.time(), None
-    progress = tqdm(range(start_step, train_args.max_train_steps), initial=start_step, total=train_args.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="finetune_ctc")
+    progress = tqdm(
+        range(start_step, train_args.max_train_steps),
+        initial=start_step,
+        total=train_args.max_train_steps,
+        disable=not accelerator.is_local_main_process,
+        desc="finetune_ctc",
+    )
     model.train()
     step, last_eval = start_step, None
     for step in range(start_step + 1, train_args.max_train_steps + 1):
@@ -809,7 +1052,9 @@ def main(argv=None):
             micro_batches.append(batch)
         position = {"epoch": epoch, "batch_in_epoch": index + 1}
         targets_here = sum(int((b["labels"] >= 0).sum()) for b in micro_batches)
-        total_targets = accelerator.reduce(torch.tensor(float(targets_here), device=accelerator.device), reduction="sum")
+        total_targets = accelerator.reduce(
+            torch.tensor(float(targets_here), device=accelerator.device), reduction="sum"
+        )
         # The summed loss divided by the target characters of the whole effective batch. DDP averages
         # gradients over processes and accelerator.backward divides by the accumulation steps: both
         # are undone so every character of the update weighs the same.
@@ -817,7 +1062,9 @@ def main(argv=None):
         for batch in micro_batches:
             empty = not batch["indices"]
             if empty:  # every file of this batch failed: a silent stand-in keeps the processes in step
-                batch = collate([{"index": -1, "input_values": np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), "labels": []}])
+                batch = collate(
+                    [{"index": -1, "input_values": np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), "labels": []}]
+                )
             inputs = batch["input_values"].to(accelerator.device, non_blocking=True)
             attention_mask = batch["attention_mask"].to(accelerator.device) if use_attention_mask else None
             frames = unwrapped._get_feat_extract_output_lengths(batch["input_lengths"])
@@ -827,13 +1074,20 @@ def main(argv=None):
                 # put them in the padding too when the model takes no attention mask).
                 num_frames = conv_frames(inputs.shape[1], *geometry)
                 real = torch.arange(num_frames)[None] < frames[:, None]
-                spans = _compute_mask_indices((inputs.shape[0], num_frames), model_args.mask_time_prob, model_args.mask_time_length,
-                                              attention_mask=real.long(), min_masks=unwrapped.config.mask_time_min_masks)
+                spans = _compute_mask_indices(
+                    (inputs.shape[0], num_frames),
+                    model_args.mask_time_prob,
+                    model_args.mask_time_length,
+                    attention_mask=real.long(),
+                    min_masks=unwrapped.config.mask_time_min_masks,
+                )
                 extra["mask_time_indices"] = torch.from_numpy(spans).to(accelerator.device)
             with accelerator.accumulate(model):
                 logits = model(inputs, attention_mask=attention_mask, **extra).logits
                 labels = batch["labels"].to(accelerator.device)
-                loss_sum = ctc_loss_sum(logits, frames.to(accelerator.device), labels, blank, model_args.ctc_zero_infinity)
+                loss_sum = ctc_loss_sum(
+                    logits, frames.to(accelerator.device), labels, blank, model_args.ctc_zero_infinity
+                )
                 if empty:
                     loss_sum = loss_sum * 0.0
                 accelerator.backward(loss_sum * loss_scale)
@@ -843,9 +1097,15 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)
             if not empty:
                 real_samples = float(batch["input_lengths"].sum())
-                window += torch.stack([loss_sum.detach().double(), (labels >= 0).sum().double(), torch.tensor(real_samples, device=accelerator.device),
-                                       torch.tensor(inputs.numel() - real_samples, device=accelerator.device),
-                                       torch.tensor(float(len(batch["indices"])), device=accelerator.device)]).double()
+                window += torch.stack(
+                    [
+                        loss_sum.detach().double(),
+                        (labels >= 0).sum().double(),
+                        torch.tensor(real_samples, device=accelerator.device),
+                        torch.tensor(inputs.numel() - real_samples, device=accelerator.device),
+                        torch.tensor(float(len(batch["indices"])), device=accelerator.device),
+                    ]
+                ).double()
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
             scheduler.step()
         window_steps += 1
@@ -859,7 +1119,9 @@ def main(argv=None):
                 "step": step,
                 "loss": (totals[0] / totals[1].clamp(min=1)).item(),
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,  # None: an fp16 overflow step
+                "grad_norm": float(grad_norm)
+                if grad_norm is not None and math.isfinite(grad_norm)
+                else None,  # None: an fp16 overflow step
                 "epoch": position["epoch"] + position["batch_in_epoch"] / plan.batches_per_epoch,
                 "audio_seconds_per_second": (totals[2] / TARGET_SAMPLE_RATE / max(elapsed, 1e-9)).item(),
                 "padding_fraction": (totals[3] / (totals[2] + totals[3]).clamp(min=1)).item(),
@@ -869,11 +1131,15 @@ def main(argv=None):
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
             accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", skipped=record["skipped_files"])
+            progress.set_postfix(
+                loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", skipped=record["skipped_files"]
+            )
             window.zero_()
             window_steps, window_start = 0, time.time()
 
-        if dev_rows and ((train_args.eval_steps and step % train_args.eval_steps == 0) or step == train_args.max_train_steps):
+        if dev_rows and (
+            (train_args.eval_steps and step % train_args.eval_steps == 0) or step == train_args.max_train_steps
+        ):
             last_eval = evaluate(step)
             if last_eval is not None:
                 if accelerator.is_main_process:
@@ -885,7 +1151,13 @@ def main(argv=None):
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             unreadable = gather_unreadable(accelerator, unreadable)
-            save_checkpoint(accelerator, output_dir, step, {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab}, train_args)
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                step,
+                {**position, "best": best, "unreadable": sorted(unreadable), "vocab": vocab},
+                train_args,
+            )
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             del model
@@ -907,7 +1179,12 @@ def main(argv=None):
         # A finished run resumed again (a resubmitted job script) finds its best model already in
         # place, moved there at the end of the first completion: it stays.
         best_folder, earlier = output_dir / "best", read_json(output_dir / "eval_results.json")
-        best_in_place = bool(best) and not best_folder.is_dir() and earlier.get("model_step") == best["step"] and (output_dir / "model.safetensors").is_file()
+        best_in_place = (
+            bool(best)
+            and not best_folder.is_dir()
+            and earlier.get("model_step") == best["step"]
+            and (output_dir / "model.safetensors").is_file()
+        )
         kept = best if best and (best_folder.is_dir() or best_in_place) else last_eval
         source = None if best_in_place else best_folder if best and best_folder.is_dir() else output_dir / ".final"
         if source is not None:
@@ -920,18 +1197,42 @@ def main(argv=None):
             source.rmdir()
         results = {"wer": None, "cer": None, "model_step": step}
         if kept:
-            results = {"wer": kept["eval_wer"], "cer": kept["eval_cer"], "model_step": kept["step"],
-                       **{k: v for k, v in kept.items() if k not in ("step", "eval_wer", "eval_cer", "examples")}}
+            results = {
+                "wer": kept["eval_wer"],
+                "cer": kept["eval_cer"],
+                "model_step": kept["step"],
+                **{k: v for k, v in kept.items() if k not in ("step", "eval_wer", "eval_cer", "examples")},
+            }
         results.update({"train_steps": step, **data_summary, "unreadable_files_skipped": sorted(unreadable)})
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        (output_dir / "README.md").write_text(model_card(
-            unwrapped, base_model, results, model_args, data_args, train_args, read_jsonl(log_path),
-            hardware_description(accelerator), accelerator.mixed_precision, accelerator.num_processes), encoding="utf-8")
+        (output_dir / "README.md").write_text(
+            model_card(
+                unwrapped,
+                base_model,
+                results,
+                model_args,
+                data_args,
+                train_args,
+                read_jsonl(log_path),
+                hardware_description(accelerator),
+                accelerator.mixed_precision,
+                accelerator.num_processes,
+            ),
+            encoding="utf-8",
+        )
         if results["wer"] is not None:
-            logger.info("dev WER %.4f, CER %.4f (%d utterances), model of step %d saved in %s", results["wer"], results["cer"],
-                        results["eval_utterances"], results["model_step"], output_dir)
+            logger.info(
+                "dev WER %.4f, CER %.4f (%d utterances), model of step %d saved in %s",
+                results["wer"],
+                results["cer"],
+                results["eval_utterances"],
+                results["model_step"],
+                output_dir,
+            )
         if train_args.push_to_hub:
-            push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"CTC fine-tuning, step {step}")
+            push_folder_to_hub(
+                output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"CTC fine-tuning, step {step}"
+            )
     accelerator.wait_for_everyone()
     stop.release()
     del model
@@ -942,18 +1243,35 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- model card
 
 
-def model_card(model, base_model, results, model_args, data_args, train_args, log, hardware, precision, num_processes) -> str:
+def model_card(
+    model, base_model, results, model_args, data_args, train_args, log, hardware, precision, num_processes
+) -> str:
     config = model.config
     versions = software_versions()
     evals = [r for r in log if "eval_wer" in r]
     effective_batch = f"{train_args.per_device_train_batch_size} utterances per device x {num_processes} processes x {train_args.gradient_accumulation_steps} accumulation"
     name = train_args.hub_model_id or train_args.output_dir
-    curve = "\n".join(f"| {r['step']:,} | {r['eval_wer']:.4f} | {r['eval_cer']:.4f} | {r['eval_loss']:.4f} |" for r in evals) or "| n/a | | | |"
-    data_source = f"`{data_args.dataset_name}` ({data_args.train_split_name})" if data_args.dataset_name else f"`{data_args.train_manifest}`"
-    chosen = (f"The weights are those of step {results['model_step']:,} of {results['train_steps']:,}: the evaluation with the lowest dev WER."
-              if results["wer"] is not None else f"The weights are those of the last step ({results['train_steps']:,}); there was no dev set.")
+    curve = (
+        "\n".join(
+            f"| {r['step']:,} | {r['eval_wer']:.4f} | {r['eval_cer']:.4f} | {r['eval_loss']:.4f} |" for r in evals
+        )
+        or "| n/a | | | |"
+    )
+    data_source = (
+        f"`{data_args.dataset_name}` ({data_args.train_split_name})"
+        if data_args.dataset_name
+        else f"`{data_args.train_manifest}`"
+    )
+    chosen = (
+        f"The weights are those of step {results['model_step']:,} of {results['train_steps']:,}: the evaluation with the lowest dev WER."
+        if results["wer"] is not None
+        else f"The weights are those of the last step ({results['train_steps']:,}); there was no dev set."
+    )
     # The Hub refuses a card whose model-index lacks a dataset or has empty metrics.
-    model_index = "" if results["wer"] is None else f"""model-index:
+    model_index = (
+        ""
+        if results["wer"] is None
+        else f"""model-index:
 - name: {Path(train_args.output_dir).name}
   results:
   - task: {{type: automatic-speech-recognition, name: Speech Recognition}}
@@ -962,6 +1280,7 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     - {{type: wer, value: {results["wer"]:.4f}, name: Dev WER}}
     - {{type: cer, value: {results["cer"]:.4f}, name: Dev CER}}
 """
+    )
     hub_id = hub_base_model(base_model)
     base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
     return f"""---
@@ -1046,7 +1365,9 @@ which reads and decodes them in chunks.
 # ----------------------------------------------------------------------------- transcribe
 
 
-def transcribe(paths, model, processor, chunk_seconds: float = 30.0, context_seconds: float = 2.0, device="cpu") -> list[str]:
+def transcribe(
+    paths, model, processor, chunk_seconds: float = 30.0, context_seconds: float = 2.0, device="cpu"
+) -> list[str]:
     """Greedy CTC transcripts of audio files of any length, format, rate and channel count.
 
     Long files are read by seeking, `chunk_seconds` at a time, each chunk with `context_seconds` of
@@ -1055,7 +1376,9 @@ def transcribe(paths, model, processor, chunk_seconds: float = 30.0, context_sec
     """
     model = model.to(device).eval()
     tokenizer, feature_extractor = processor.tokenizer, processor.feature_extractor
-    min_samples, samples_per_frame = conv_geometry(model.config)  # receptive field: the fewest samples that make a frame
+    min_samples, samples_per_frame = conv_geometry(
+        model.config
+    )  # receptive field: the fewest samples that make a frame
     texts = []
     for path in paths:
         seconds = sf.info(str(path)).duration
@@ -1079,10 +1402,19 @@ def transcribe(paths, model, processor, chunk_seconds: float = 30.0, context_sec
 
 
 def transcribe_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune_ctc.py transcribe", description="Print 'path<TAB>transcript' for each audio file (greedy CTC decoding).")
-    parser.add_argument("files", nargs="+", help="audio files of any format soundfile reads, any rate and channel count")
-    parser.add_argument("--model_name_or_path", required=True, help="a finetune_ctc.py output folder or a hub CTC model")
-    parser.add_argument("--chunk_seconds", type=float, default=30.0, help="long files are decoded this many seconds at a time")
+    parser = argparse.ArgumentParser(
+        prog="finetune_ctc.py transcribe",
+        description="Print 'path<TAB>transcript' for each audio file (greedy CTC decoding).",
+    )
+    parser.add_argument(
+        "files", nargs="+", help="audio files of any format soundfile reads, any rate and channel count"
+    )
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="a finetune_ctc.py output folder or a hub CTC model"
+    )
+    parser.add_argument(
+        "--chunk_seconds", type=float, default=30.0, help="long files are decoded this many seconds at a time"
+    )
     parser.add_argument("--context_seconds", type=float, default=2.0, help="extra audio on each side of a chunk")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

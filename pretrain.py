@@ -71,41 +71,77 @@ PRETRAINED_GUMBEL_STEPS = 400_000
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default="facebook/wav2vec2-base", metadata={"help": "Wav2Vec2ForPreTraining checkpoint (hub id or local folder) to continue from."})
-    config_name: str | None = field(default=None, metadata={"help": "Config folder to train from scratch (random init); overrides model_name_or_path."})
-    config_overrides: str | None = field(default=None, metadata={"help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'."})
-    feature_grad_mult: float = field(default=0.1, metadata={"help": "Scale of the CNN feature encoder's gradients (fairseq: 0.1); 1 leaves them alone."})
+    model_name_or_path: str | None = field(
+        default="facebook/wav2vec2-base",
+        metadata={"help": "Wav2Vec2ForPreTraining checkpoint (hub id or local folder) to continue from."},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config folder to train from scratch (random init); overrides model_name_or_path."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'."}
+    )
+    feature_grad_mult: float = field(
+        default=0.1,
+        metadata={"help": "Scale of the CNN feature encoder's gradients (fairseq: 0.1); 1 leaves them alone."},
+    )
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Train the transformer and quantizer only."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention."}
+    )
 
 
 @dataclass
 class DataArguments:
-    train_manifest: str | None = field(default=None, metadata={"help": "TSV from data/prepare_manifest.py, or several with weights: 'home.tsv:0.7,read.tsv:0.3'."})
+    train_manifest: str | None = field(
+        default=None,
+        metadata={"help": "TSV from data/prepare_manifest.py, or several with weights: 'home.tsv:0.7,read.tsv:0.3'."},
+    )
     dev_manifest: str | None = field(default=None, metadata={"help": "Dev TSV(s) for evaluation on fixed crops."})
-    audio_dir: str | None = field(default=None, metadata={"help": "Instead of manifests: scan this folder and split it by participant."})
-    participant_regex: str = field(default=DEFAULT_PARTICIPANT_REGEX, metadata={"help": "With --audio_dir: regex whose first group is the participant id."})
+    audio_dir: str | None = field(
+        default=None, metadata={"help": "Instead of manifests: scan this folder and split it by participant."}
+    )
+    participant_regex: str = field(
+        default=DEFAULT_PARTICIPANT_REGEX,
+        metadata={"help": "With --audio_dir: regex whose first group is the participant id."},
+    )
     dev_fraction: float = field(default=0.1, metadata={"help": "With --audio_dir: share of audio hours for dev."})
     crop_seconds: float = field(default=8.0)
     min_rms: float = field(default=0.001, metadata={"help": "Crops quieter than this are redrawn."})
     max_crop_retries: int = field(default=10)
     epoch_multiplier: int = field(default=10, metadata={"help": "Crops per file per epoch."})
-    crops_by_duration: bool = field(default=False, metadata={"help": "Share an epoch's crops out in proportion to file duration instead."})
+    crops_by_duration: bool = field(
+        default=False, metadata={"help": "Share an epoch's crops out in proportion to file duration instead."}
+    )
     dev_crops_per_file: int = field(default=8, metadata={"help": "Fixed dev crops per dev file."})
 
 
 @dataclass
 class ObjectiveArguments:
-    mask_time_prob: float = field(default=0.65, metadata={"help": "Share of frames that start a masked span (fairseq: 0.65 -> ~49%% of frames masked)."})
+    mask_time_prob: float = field(
+        default=0.65,
+        metadata={"help": "Share of frames that start a masked span (fairseq: 0.65 -> ~49%% of frames masked)."},
+    )
     mask_time_length: int = field(default=10, metadata={"help": "Frames per masked span."})
     num_negatives: int = field(default=100)
     contrastive_temperature: float = field(default=0.1)
     diversity_loss_weight: float = field(default=0.1)
-    feature_penalty_weight: float = field(default=10.0, metadata={"help": "Weight of the mean square of the CNN features in the loss (fairseq: 10; transformers' model has no such term)."})
+    feature_penalty_weight: float = field(
+        default=10.0,
+        metadata={
+            "help": "Weight of the mean square of the CNN features in the loss (fairseq: 10; transformers' model has no such term)."
+        },
+    )
     max_gumbel_temperature: float = field(default=2.0)
     min_gumbel_temperature: float = field(default=0.5)
     gumbel_temperature_decay: float = field(default=0.999995)
-    gumbel_start_step: int | None = field(default=None, metadata={"help": f"Schedule step the run starts at; default 0 from scratch, {PRETRAINED_GUMBEL_STEPS} (temperature at its floor) when continuing."})
+    gumbel_start_step: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Schedule step the run starts at; default 0 from scratch, {PRETRAINED_GUMBEL_STEPS} (temperature at its floor) when continuing."
+        },
+    )
 
 
 class MaskAndNegatives:
@@ -124,7 +160,9 @@ class MaskAndNegatives:
         masks, negatives = [], []
         for row, key in enumerate(batch["crop_keys"]):
             with numpy_global_seed(key):
-                mask = _compute_mask_indices((1, self.num_frames), self.mask_time_prob, self.mask_time_length, min_masks=2)
+                mask = _compute_mask_indices(
+                    (1, self.num_frames), self.mask_time_prob, self.mask_time_length, min_masks=2
+                )
                 negative = _sample_negative_indices((1, self.num_frames), self.num_negatives, mask)
             masks.append(mask[0])
             negatives.append(negative[0] + row * self.num_frames)
@@ -153,7 +191,13 @@ def apply_config_overrides(config, overrides: str | None) -> None:
         if not hasattr(config, key):
             raise SystemExit(f"error: --config_overrides: the model config has no field {key!r}")
         old, new = getattr(config, key), yaml.safe_load(value)  # 0.1 -> float, false -> bool, null -> None
-        setattr(config, key, type(old)(new) if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float)) else new)
+        setattr(
+            config,
+            key,
+            type(old)(new)
+            if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float))
+            else new,
+        )
 
 
 def load_rows(data: DataArguments, output_dir: Path, is_main: bool, seed: int):
@@ -195,7 +239,9 @@ def main(argv=None):
     try:
         config = Wav2Vec2Config.from_pretrained(model_source)
     except OSError as error:
-        raise SystemExit(f"error: cannot load a wav2vec2 config from {model_source!r} (--config_name / --model_name_or_path): {error}") from None
+        raise SystemExit(
+            f"error: cannot load a wav2vec2 config from {model_source!r} (--config_name / --model_name_or_path): {error}"
+        ) from None
     apply_config_overrides(config, model_args.config_overrides)
     if objective.mask_time_prob <= 0:
         raise SystemExit("error: --mask_time_prob must be above 0: the contrastive task predicts masked frames")
@@ -209,23 +255,51 @@ def main(argv=None):
     num_frames = conv_frames(round(data_args.crop_seconds * TARGET_SAMPLE_RATE), *conv_geometry(config))
     feature_extractor = load_feature_extractor(model_source)
     try:
-        train_sources, train_names, dev_rows = load_rows(data_args, output_dir, accelerator.is_main_process, train_args.seed)
-        transform = MaskAndNegatives(num_frames, objective.mask_time_prob, objective.mask_time_length, objective.num_negatives)
-        stream_options = dict(crop_seconds=data_args.crop_seconds, min_rms=data_args.min_rms, max_crop_retries=data_args.max_crop_retries,
-                              normalize=feature_extractor.do_normalize, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, transform=transform)
-        train_stream = CropStream(train_sources, train_args.per_device_train_batch_size, epoch_multiplier=data_args.epoch_multiplier,
-                                  crops_by_duration=data_args.crops_by_duration, seed=train_args.seed, names=train_names, **stream_options)
+        train_sources, train_names, dev_rows = load_rows(
+            data_args, output_dir, accelerator.is_main_process, train_args.seed
+        )
+        transform = MaskAndNegatives(
+            num_frames, objective.mask_time_prob, objective.mask_time_length, objective.num_negatives
+        )
+        stream_options = dict(
+            crop_seconds=data_args.crop_seconds,
+            min_rms=data_args.min_rms,
+            max_crop_retries=data_args.max_crop_retries,
+            normalize=feature_extractor.do_normalize,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            transform=transform,
+        )
+        train_stream = CropStream(
+            train_sources,
+            train_args.per_device_train_batch_size,
+            epoch_multiplier=data_args.epoch_multiplier,
+            crops_by_duration=data_args.crops_by_duration,
+            seed=train_args.seed,
+            names=train_names,
+            **stream_options,
+        )
         dev_stream = None
         if dev_rows:
-            dev_stream = CropStream([(dev_rows, 1.0)], train_args.per_device_eval_batch_size, epoch_multiplier=data_args.dev_crops_per_file,
-                                    seed=train_args.seed + 1, fixed=True, names=[f"dev manifest {data_args.dev_manifest or '(split)'}"], **stream_options)
+            dev_stream = CropStream(
+                [(dev_rows, 1.0)],
+                train_args.per_device_eval_batch_size,
+                epoch_multiplier=data_args.dev_crops_per_file,
+                seed=train_args.seed + 1,
+                fixed=True,
+                names=[f"dev manifest {data_args.dev_manifest or '(split)'}"],
+                **stream_options,
+            )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     if dev_stream is None:
         logger.warning("no dev set: give --dev_manifest (or use --audio_dir) to follow the dev loss")
     if train_stream.short_files:
-        logger.warning("%d train file(s) shorter than one %.1f s crop are left out", train_stream.short_files, data_args.crop_seconds)
+        logger.warning(
+            "%d train file(s) shorter than one %.1f s crop are left out",
+            train_stream.short_files,
+            data_args.crop_seconds,
+        )
 
     # ------------------------------------------------------------------ model
     if model_args.config_name:
@@ -234,17 +308,25 @@ def main(argv=None):
     else:
         # config=config: overrides such as dropout rates must be in place when the modules are built.
         model, loading_info = Wav2Vec2ForPreTraining.from_pretrained(
-            model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation, output_loading_info=True
+            model_args.model_name_or_path,
+            config=config,
+            attn_implementation=model_args.attn_implementation,
+            output_loading_info=True,
         )
         config = model.config
         base_model, from_scratch = model_args.model_name_or_path, False
-        fresh_heads = [k for k in loading_info["missing_keys"] if k.startswith(("quantizer", "project_q", "project_hid"))]
+        fresh_heads = [
+            k for k in loading_info["missing_keys"] if k.startswith(("quantizer", "project_q", "project_hid"))
+        ]
         if fresh_heads:
             logger.warning(
                 "\n%s\n%s has no pretraining heads (%s): it looks like a CTC or encoder-only checkpoint. The quantizer "
                 "and projections start from random weights, so this is not a continuation of its pretraining and the "
                 "first thousands of steps will mostly train those heads.\n%s",
-                "!" * 80, model_args.model_name_or_path, ", ".join(sorted({k.split(".")[0] for k in fresh_heads})), "!" * 80,
+                "!" * 80,
+                model_args.model_name_or_path,
+                ", ".join(sorted({k.split(".")[0] for k in fresh_heads})),
+                "!" * 80,
             )
     # The model's forward reads these three; the masking flags are ours (masks come from the workers).
     config.num_negatives = objective.num_negatives
@@ -266,14 +348,26 @@ def main(argv=None):
     cnn_output: dict[str, torch.Tensor] = {}
     use_feature_penalty = objective.feature_penalty_weight > 0 and not model_args.freeze_feature_encoder
     if use_feature_penalty:
-        model.wav2vec2.feature_extractor.register_forward_hook(lambda module, args, output: cnn_output.__setitem__("features", output))
+        model.wav2vec2.feature_extractor.register_forward_hook(
+            lambda module, args, output: cnn_output.__setitem__("features", output)
+        )
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------ optimizer, resume
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, train_args.weight_decay),
+        lr=train_args.learning_rate,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     # Stepped by hand once per update: accelerate's wrapper would step it once per process.
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps, num_training_steps=train_args.max_train_steps)
+    scheduler = get_scheduler(
+        train_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=train_args.warmup_steps,
+        num_training_steps=train_args.max_train_steps,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -284,9 +378,21 @@ def main(argv=None):
         state = load_checkpoint(accelerator, checkpoint, train_args)
         start_step, stream_state = state["step"], state
         train_stream.start_at(state["epoch"], state["batch_in_epoch"])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, start_step, state["epoch"], state["batch_in_epoch"])
-    log_path = start_train_log(accelerator, output_dir, start_step, {"model": model_args, "data": data_args, "objective": objective, "training": train_args},
-                               trackers, "pretrain")
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint,
+            start_step,
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
+    log_path = start_train_log(
+        accelerator,
+        output_dir,
+        start_step,
+        {"model": model_args, "data": data_args, "objective": objective, "training": train_args},
+        trackers,
+        "pretrain",
+    )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate() -> dict:
@@ -298,11 +404,22 @@ def main(argv=None):
                 inputs = to_device(batch, accelerator.device)
                 out = unwrapped(**inputs)
                 mask = inputs["mask_time_indices"]
-                sums += torch.stack([out.loss.float(), mask.sum().float(), contrastive_correct(out, inputs, unwrapped.config).float(), out.contrastive_loss.float()])
+                sums += torch.stack(
+                    [
+                        out.loss.float(),
+                        mask.sum().float(),
+                        contrastive_correct(out, inputs, unwrapped.config).float(),
+                        out.contrastive_loss.float(),
+                    ]
+                )
         cnn_output.clear()
         sums = accelerator.reduce(sums, reduction="sum")
         unwrapped.train()
-        return {"dev_loss": (sums[0] / sums[1]).item(), "dev_contrastive_loss": (sums[3] / sums[1]).item(), "dev_accuracy": (sums[2] / sums[1]).item()}
+        return {
+            "dev_loss": (sums[0] / sums[1]).item(),
+            "dev_contrastive_loss": (sums[3] / sums[1]).item(),
+            "dev_accuracy": (sums[2] / sums[1]).item(),
+        }
 
     # ------------------------------------------------------------------ training loop
     stop = StopSignal()
@@ -310,11 +427,20 @@ def main(argv=None):
     batches = iter(make_loader(train_stream, train_args.num_workers, batch_size=None))
     worker_stats: dict[int, dict] = {}
     unreadable: set[str] = set(stream_state.get("unreadable", []))
-    window = torch.zeros(7, device=accelerator.device)  # loss, contrastive, diversity, masked, frames, perplexity-sum, feature penalty
+    window = torch.zeros(
+        7, device=accelerator.device
+    )  # loss, contrastive, diversity, masked, frames, perplexity-sum, feature penalty
     window_steps, window_start = 0, time.time()
-    crop_seconds_per_update = data_args.crop_seconds * train_args.per_device_train_batch_size * accumulation * accelerator.num_processes
-    progress = tqdm(range(start_step, train_args.max_train_steps), initial=start_step, total=train_args.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="pretrain")
+    crop_seconds_per_update = (
+        data_args.crop_seconds * train_args.per_device_train_batch_size * accumulation * accelerator.num_processes
+    )
+    progress = tqdm(
+        range(start_step, train_args.max_train_steps),
+        initial=start_step,
+        total=train_args.max_train_steps,
+        disable=not accelerator.is_local_main_process,
+        desc="pretrain",
+    )
     if dev_stream is not None and start_step == 0 and train_args.eval_steps:
         record = {"step": 0, **evaluate()}
         if accelerator.is_main_process:
@@ -341,15 +467,27 @@ def main(argv=None):
             inputs = to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 out = model(**inputs)
-                penalty = feature_penalty(cnn_output.pop("features"), inputs["mask_time_indices"]) if use_feature_penalty else torch.zeros((), device=accelerator.device)
+                penalty = (
+                    feature_penalty(cnn_output.pop("features"), inputs["mask_time_indices"])
+                    if use_feature_penalty
+                    else torch.zeros((), device=accelerator.device)
+                )
                 accelerator.backward((out.loss + objective.feature_penalty_weight * penalty) * loss_scale)
                 if accelerator.sync_gradients:  # --max_grad_norm 0: no clipping, the norm is still logged
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window += torch.stack([out.loss.detach().float(), out.contrastive_loss.detach().float(), out.diversity_loss.detach().float(),
-                                   inputs["mask_time_indices"].sum().float(), torch.tensor(float(inputs["mask_time_indices"].numel()), device=accelerator.device),
-                                   out.codevector_perplexity.detach().float(), penalty.detach().float()])
+            window += torch.stack(
+                [
+                    out.loss.detach().float(),
+                    out.contrastive_loss.detach().float(),
+                    out.diversity_loss.detach().float(),
+                    inputs["mask_time_indices"].sum().float(),
+                    torch.tensor(float(inputs["mask_time_indices"].numel()), device=accelerator.device),
+                    out.codevector_perplexity.detach().float(),
+                    penalty.detach().float(),
+                ]
+            )
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
             scheduler.step()
         window_steps += 1
@@ -359,7 +497,14 @@ def main(argv=None):
             totals = accelerator.reduce(window, reduction="sum")
             stream = stream_totals(worker_stats)
             unreadable = gather_unreadable(accelerator, unreadable)
-            stream_global = accelerator.reduce(torch.tensor([stream.get("crops", 0), stream.get("retries", 0), stream.get("all_silent", 0)], device=accelerator.device, dtype=torch.float64), reduction="sum")
+            stream_global = accelerator.reduce(
+                torch.tensor(
+                    [stream.get("crops", 0), stream.get("retries", 0), stream.get("all_silent", 0)],
+                    device=accelerator.device,
+                    dtype=torch.float64,
+                ),
+                reduction="sum",
+            )
             elapsed = time.time() - window_start
             record = {
                 "step": step,
@@ -367,7 +512,9 @@ def main(argv=None):
                 "contrastive_loss": (totals[1] / totals[3]).item(),
                 "diversity_loss": (totals[2] / totals[3]).item(),
                 "loss_sum_per_update": (totals[0] / window_steps).item(),
-                "codevector_perplexity": (totals[5] / (window_steps * accumulation * accelerator.num_processes)).item(),
+                "codevector_perplexity": (
+                    totals[5] / (window_steps * accumulation * accelerator.num_processes)
+                ).item(),
                 "feature_penalty": (totals[6] / totals[3]).item(),
                 "masked_fraction": (totals[3] / totals[4]).item(),
                 "gumbel_temperature": temperature,
@@ -382,11 +529,17 @@ def main(argv=None):
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
             accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", skipped=record["skipped_files"])
+            progress.set_postfix(
+                loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", skipped=record["skipped_files"]
+            )
             window.zero_()
             window_steps, window_start = 0, time.time()
 
-        if dev_stream is not None and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == train_args.max_train_steps):
+        if (
+            dev_stream is not None
+            and train_args.eval_steps
+            and (step % train_args.eval_steps == 0 or step == train_args.max_train_steps)
+        ):
             record = {"step": step, **evaluate()}
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
@@ -414,11 +567,30 @@ def main(argv=None):
         feature_extractor.save_pretrained(output_dir)
         log = read_jsonl(log_path)
         plot_losses(log, output_dir / "loss_curve.png")
-        (output_dir / "README.md").write_text(model_card(
-            unwrapped, base_model, train_sources, train_names, dev_rows, data_args, objective, train_args, log,
-            hardware_description(accelerator), accelerator.mixed_precision, sorted(unreadable), gumbel_start, accelerator.num_processes))
+        (output_dir / "README.md").write_text(
+            model_card(
+                unwrapped,
+                base_model,
+                train_sources,
+                train_names,
+                dev_rows,
+                data_args,
+                objective,
+                train_args,
+                log,
+                hardware_description(accelerator),
+                accelerator.mixed_precision,
+                sorted(unreadable),
+                gumbel_start,
+                accelerator.num_processes,
+            )
+        )
         if train_args.push_to_hub:
-            push_folder_to_hub(output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"wav2vec2 pretraining, step {step}")
+            push_folder_to_hub(
+                output_dir,
+                train_args.hub_model_id or output_dir.name,
+                commit_message=f"wav2vec2 pretraining, step {step}",
+            )
     stop.release()
     del model
     end_processes(accelerator)
@@ -446,7 +618,9 @@ def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
     batch, frames, dim = quantized.shape
     negatives = quantized.reshape(-1, dim)[inputs["sampled_negative_indices"].long().reshape(-1)]
     negatives = negatives.reshape(batch, frames, -1, dim).permute(2, 0, 1, 3)
-    logits = Wav2Vec2ForPreTraining.compute_contrastive_logits(quantized[None], negatives, context, config.contrastive_logits_temperature)
+    logits = Wav2Vec2ForPreTraining.compute_contrastive_logits(
+        quantized[None], negatives, context, config.contrastive_logits_temperature
+    )
     logits[1:][(quantized == negatives).all(-1)] = float("-inf")
     return ((logits.argmax(0) == 0) & inputs["mask_time_indices"].bool()).sum()
 
@@ -481,8 +655,22 @@ def _window_mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def model_card(model, base_model, train_sources, train_names, dev_rows, data_args, objective, train_args, log, hardware,
-               precision, unreadable, gumbel_start, num_processes) -> str:
+def model_card(
+    model,
+    base_model,
+    train_sources,
+    train_names,
+    dev_rows,
+    data_args,
+    objective,
+    train_args,
+    log,
+    hardware,
+    precision,
+    unreadable,
+    gumbel_start,
+    num_processes,
+) -> str:
     config = model.config
     train_rows = [r for rows, _ in train_sources for r in rows]
     hours = lambda rows: sum(float(r["duration"]) for r in rows) / 3600  # noqa: E731
@@ -496,7 +684,11 @@ def model_card(model, base_model, train_sources, train_names, dev_rows, data_arg
     params = sum(p.numel() for p in model.parameters())
     effective_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps * num_processes
     versions = software_versions()
-    mixing = ", ".join(f"{n} (weight {w})" for n, (_, w) in zip(train_names, train_sources)) if len(train_sources) > 1 else train_names[0]
+    mixing = (
+        ", ".join(f"{n} (weight {w})" for n, (_, w) in zip(train_names, train_sources))
+        if len(train_sources) > 1
+        else train_names[0]
+    )
     hub_id = hub_base_model(base_model)
     base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
     return f"""---

@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import TARGET_SAMPLE_RATE  # noqa: E402
-from finetune_ctc import Collator, ctc_loss_sum, measure_durations, plan_batches, read_utterance_manifest, samples_for_frames  # noqa: E402
+from finetune_ctc import (
+    Collator,
+    ctc_loss_sum,
+    measure_durations,
+    plan_batches,
+    read_utterance_manifest,
+    samples_for_frames,
+)  # noqa: E402
 
 
 def durations_from(args) -> np.ndarray:
@@ -52,14 +59,22 @@ def padding_fraction(batches, durations) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_name", default="configs/tiny-wav2vec2-base", help="config folder, or 'base' for the wav2vec2-base architecture")
+    parser.add_argument(
+        "--config_name",
+        default="configs/tiny-wav2vec2-base",
+        help="config folder, or 'base' for the wav2vec2-base architecture",
+    )
     parser.add_argument("--manifest", help="take the utterance durations from this manifest")
-    parser.add_argument("--num_utterances", type=int, default=4000, help="synthetic durations drawn without --manifest")
+    parser.add_argument(
+        "--num_utterances", type=int, default=4000, help="synthetic durations drawn without --manifest"
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per mode")
     parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps first (allocator, kernels)")
     parser.add_argument("--max_duration_seconds", type=float, default=20.0)
-    parser.add_argument("--train_feature_encoder", action="store_true", help="unfreeze the CNN (the tiny demo recipe does)")
+    parser.add_argument(
+        "--train_feature_encoder", action="store_true", help="unfreeze the CNN (the tiny demo recipe does)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as accelerate --mixed_precision bf16")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,17 +90,23 @@ def main() -> None:
     else:
         config = Wav2Vec2Config.from_pretrained(args.config_name)
         use_attention_mask = bool(Wav2Vec2FeatureExtractor.from_pretrained(args.config_name).return_attention_mask)
-    config.update({"vocab_size": vocab_size, "pad_token_id": 0, "mask_time_prob": 0.05, "mask_time_length": 10, "layerdrop": 0.0})
+    config.update(
+        {"vocab_size": vocab_size, "pad_token_id": 0, "mask_time_prob": 0.05, "mask_time_length": 10, "layerdrop": 0.0}
+    )
     model = Wav2Vec2ForCTC(config).to(args.device).train()
     if not args.train_feature_encoder:
         model.freeze_feature_encoder()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     collate = Collator(use_attention_mask, samples_for_frames(config, config.mask_time_length + 1))
     rng = np.random.default_rng(args.seed + 1)
-    print(f"model: {args.config_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), device {args.device}"
-          f"{', bf16' if args.bf16 else ''}, batch {args.batch_size}, attention mask: {use_attention_mask}")
-    print(f"utterances: {len(durations)}, {durations.sum() / 3600:.2f} h, median {np.median(durations):.1f} s, "
-          f"max {durations.max():.1f} s ({'--manifest ' + args.manifest if args.manifest else 'synthetic'})")
+    print(
+        f"model: {args.config_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), device {args.device}"
+        f"{', bf16' if args.bf16 else ''}, batch {args.batch_size}, attention mask: {use_attention_mask}"
+    )
+    print(
+        f"utterances: {len(durations)}, {durations.sum() / 3600:.2f} h, median {np.median(durations):.1f} s, "
+        f"max {durations.max():.1f} s ({'--manifest ' + args.manifest if args.manifest else 'synthetic'})"
+    )
 
     def sync():
         if args.device.startswith("cuda"):
@@ -93,13 +114,21 @@ def main() -> None:
 
     results = {}
     for grouped in (True, False):
-        epoch = plan_batches(durations, args.batch_size, args.seed, 0, args.max_duration_seconds, group_by_length=grouped)
+        epoch = plan_batches(
+            durations, args.batch_size, args.seed, 0, args.max_duration_seconds, group_by_length=grouped
+        )
         # The first planned batch is the longest on purpose (out of memory at once); timing starts after it.
         timed = epoch[1 : 1 + args.warmup_steps + args.steps]
         seconds = audio = padded = 0.0
         for k, indices in enumerate(timed):
-            items = [{"index": i, "input_values": rng.standard_normal(int(durations[i] * TARGET_SAMPLE_RATE)).astype(np.float32),
-                      "labels": rng.integers(3, vocab_size, max(1, int(15 * durations[i]))).tolist()} for i in indices]
+            items = [
+                {
+                    "index": i,
+                    "input_values": rng.standard_normal(int(durations[i] * TARGET_SAMPLE_RATE)).astype(np.float32),
+                    "labels": rng.integers(3, vocab_size, max(1, int(15 * durations[i]))).tolist(),
+                }
+                for i in indices
+            ]
             batch = collate(items)
             inputs = batch["input_values"].to(args.device)
             mask = batch["attention_mask"].to(args.device) if use_attention_mask else None
@@ -120,8 +149,10 @@ def main() -> None:
                 padded += inputs.numel() / TARGET_SAMPLE_RATE
         name = "grouped by length" if grouped else "shuffled"
         results[name] = audio / seconds
-        print(f"{name:18s} padding {padding_fraction(epoch, durations):6.1%} of the epoch ({1 - audio / padded:6.1%} of the timed steps), "
-              f"{audio / seconds:9.1f} audio s/s, {1000 * seconds / args.steps:8.1f} ms/step")
+        print(
+            f"{name:18s} padding {padding_fraction(epoch, durations):6.1%} of the epoch ({1 - audio / padded:6.1%} of the timed steps), "
+            f"{audio / seconds:9.1f} audio s/s, {1000 * seconds / args.steps:8.1f} ms/step"
+        )
     print(f"speedup from length grouping: {results['grouped by length'] / results['shuffled']:.2f}x")
 
 

@@ -34,14 +34,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import extract_features  # noqa: E402
 
-CONFIGS = {"tiny": lambda: Wav2Vec2Config.from_pretrained(REPO / "configs" / "tiny-wav2vec2-base"), "base": Wav2Vec2Config}
+CONFIGS = {
+    "tiny": lambda: Wav2Vec2Config.from_pretrained(REPO / "configs" / "tiny-wav2vec2-base"),
+    "base": Wav2Vec2Config,
+}
 
 
 def save_random_model(name: str, folder: Path) -> str:
     torch.manual_seed(0)
     config = CONFIGS[name]()
     Wav2Vec2Model(config).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=config.feat_extract_norm == "layer").save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        do_normalize=True, return_attention_mask=config.feat_extract_norm == "layer"
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -55,7 +60,12 @@ def write_corpus(folder: Path, minutes: float, file_minutes: float = 2.0, seed: 
         n = int(seconds * 16000)
         envelope = np.repeat(rng.random(n // 3200 + 1) > 0.4, 3200)[:n]
         noise = np.convolve(rng.standard_normal(n), np.hanning(16), mode="same")
-        sf.write(folder / f"rec{index:03d}.flac", (0.1 * noise * (0.05 + envelope)).astype(np.float32), 16000, subtype="PCM_16")
+        sf.write(
+            folder / f"rec{index:03d}.flac",
+            (0.1 * noise * (0.05 + envelope)).astype(np.float32),
+            16000,
+            subtype="PCM_16",
+        )
         remaining -= seconds
         index += 1
 
@@ -71,7 +81,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
 
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    )
     print(f"device: {args.device} ({device_name}); torch {torch.__version__}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,17 +96,39 @@ def main(argv=None):
             model = save_random_model(name, tmp / f"model-{name}")
             for dtype in args.dtypes.split(","):
                 for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-                    flags = ["--model_name_or_path", model, "--device", args.device, "--dtype", dtype, "--batch_size", str(batch_size), "--num_workers", str(args.num_workers)]
+                    flags = [
+                        "--model_name_or_path",
+                        model,
+                        "--device",
+                        args.device,
+                        "--dtype",
+                        dtype,
+                        "--batch_size",
+                        str(batch_size),
+                        "--num_workers",
+                        str(args.num_workers),
+                    ]
                     extract_features.main(flags + ["--output_dir", str(tmp / "out-warmup"), str(tmp / "warmup")])
-                    run = extract_features.main(flags + ["--output_dir", str(tmp / f"out-{name}-{dtype}-{batch_size}"), str(tmp / "corpus")])
-                    result = {"config": name, "dtype": dtype, "batch_size": batch_size, "audio_seconds": run["audio_seconds"], "seconds": run["seconds"],
-                              "realtime_factor": run["realtime_factor"], "per_cpu_second": round(run["audio_seconds"] / run["cpu_seconds"], 1)}
+                    run = extract_features.main(
+                        flags + ["--output_dir", str(tmp / f"out-{name}-{dtype}-{batch_size}"), str(tmp / "corpus")]
+                    )
+                    result = {
+                        "config": name,
+                        "dtype": dtype,
+                        "batch_size": batch_size,
+                        "audio_seconds": run["audio_seconds"],
+                        "seconds": run["seconds"],
+                        "realtime_factor": run["realtime_factor"],
+                        "per_cpu_second": round(run["audio_seconds"] / run["cpu_seconds"], 1),
+                    }
                     print(json.dumps(result), flush=True)
                     results.append(result)
     print("\n| config | dtype | batch | audio s | wall s | audio s per s | audio s per CPU s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['config']} | {r['dtype']} | {r['batch_size']} | {r['audio_seconds']:.0f} | {r['seconds']:.1f} | {r['realtime_factor']} | {r['per_cpu_second']} |")
+        print(
+            f"| {r['config']} | {r['dtype']} | {r['batch_size']} | {r['audio_seconds']:.0f} | {r['seconds']:.1f} | {r['realtime_factor']} | {r['per_cpu_second']} |"
+        )
     return results
 
 

@@ -88,8 +88,14 @@ class Timers:
 
 
 def make_stream(manifests, args, **overrides) -> CropStream:
-    options = dict(batch_size=args.batch_size, crop_seconds=args.crop_seconds, min_rms=args.min_rms,
-                   max_crop_retries=args.max_crop_retries, epoch_multiplier=args.epoch_multiplier, seed=args.seed)
+    options = dict(
+        batch_size=args.batch_size,
+        crop_seconds=args.crop_seconds,
+        min_rms=args.min_rms,
+        max_crop_retries=args.max_crop_retries,
+        epoch_multiplier=args.epoch_multiplier,
+        seed=args.seed,
+    )
     return CropStream(manifests, **{**options, **overrides})
 
 
@@ -142,25 +148,37 @@ def per_format(manifests, args) -> list[dict]:
         with Timers() as timers:
             # A time floor as well as a count: a fast format's count alone passes in a blink,
             # too short to measure on a shared machine.
-            batches, wall, cpu, last = time_batches(iter(stream), max(1, crops_each // args.batch_size), timers.reset, args.min_seconds)
+            batches, wall, cpu, last = time_batches(
+                iter(stream), max(1, crops_each // args.batch_size), timers.reset, args.min_seconds
+            )
         crops = batches * args.batch_size
         stats = last[0]["stream_stats"]  # cumulative, warm-up batch included
         base_wall = baseline(rows, args.baseline_crops, args.crop_seconds, args.seed)
         read_ms = 1000 * timers.seconds["read"] / crops
         seek_ms = 1000 * timers.seconds["seek"] / crops
         resample_ms = 1000 * timers.seconds["resample"] / crops
-        results.append({
-            "key": key, "files": len(rows), "wall": crops / wall, "cpu": crops / cpu,
-            "seek_ms": seek_ms, "decode_ms": read_ms - seek_ms, "resample_ms": resample_ms,
-            "other_ms": 1000 * wall / crops - read_ms - resample_ms,
-            "reads_per_crop": timers.calls["read"] / crops, "all_silent": stats["all_silent"],
-            "baseline_wall": 1 / base_wall,
-        })
+        results.append(
+            {
+                "key": key,
+                "files": len(rows),
+                "wall": crops / wall,
+                "cpu": crops / cpu,
+                "seek_ms": seek_ms,
+                "decode_ms": read_ms - seek_ms,
+                "resample_ms": resample_ms,
+                "other_ms": 1000 * wall / crops - read_ms - resample_ms,
+                "reads_per_crop": timers.calls["read"] / crops,
+                "all_silent": stats["all_silent"],
+                "baseline_wall": 1 / base_wall,
+            }
+        )
     return results
 
 
 def print_per_format(results, args) -> None:
-    print(f"\nper format, one process, {args.crop_seconds:g} s crops (rates in crops/s; times in ms per crop, wall clock):")
+    print(
+        f"\nper format, one process, {args.crop_seconds:g} s crops (rates in crops/s; times in ms per crop, wall clock):"
+    )
     header = f"{'format':<22}{'files':>6}{'stream':>9}{'cpu':>9}{'seek':>7}{'decode':>8}{'resamp':>8}{'other':>7}{'reads':>7}{'silent':>7}{'naive':>8}{'ratio':>7}  target"
     print(header)
     for r in results:
@@ -180,10 +198,14 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="train.tsv, or 'a.tsv:0.7,b.tsv:0.3'")
     parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--num_crops", type=int, default=400, help="crops timed in the DataLoader run, and shared out over the formats")
+    parser.add_argument(
+        "--num_crops", type=int, default=400, help="crops timed in the DataLoader run, and shared out over the formats"
+    )
     parser.add_argument("--crop_seconds", type=float, default=8.0)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--baseline_crops", type=int, default=8, help="naive crops per format (each decodes a whole file)")
+    parser.add_argument(
+        "--baseline_crops", type=int, default=8, help="naive crops per format (each decodes a whole file)"
+    )
     parser.add_argument("--min_seconds", type=float, default=2.0, help="shortest timed run per format")
     parser.add_argument("--min_rms", type=float, default=0.001)
     parser.add_argument("--max_crop_retries", type=int, default=10)
@@ -196,7 +218,9 @@ def main(argv=None) -> float:
     manifests = [(read_manifest(path), weight) for path, weight in specs]
     rows = [row for rows, _ in manifests for row in rows]
     hours = sum(float(r["duration"]) for r in rows) / 3600
-    print(f"manifest: {args.manifest}: {len(rows)} files, {hours:.2f} h; soundfile {sf.__version__} (libsndfile {sf.__libsndfile_version__}), soxr {soxr.__version__}")
+    print(
+        f"manifest: {args.manifest}: {len(rows)} files, {hours:.2f} h; soundfile {sf.__version__} (libsndfile {sf.__libsndfile_version__}), soxr {soxr.__version__}"
+    )
 
     results = per_format(manifests, args)
     print_per_format(results, args)
@@ -212,11 +236,17 @@ def main(argv=None) -> float:
     files = sum(r["files"] for r in results)
     naive = files / sum(r["files"] / r["baseline_wall"] for r in results) if results else float("nan")
     workers = max(1, args.num_workers)
-    print(f"\nwhole manifest through DataLoader(batch_size=None, num_workers={args.num_workers}), batches of {args.batch_size}:")
-    print(f"  {crops} crops of {args.crop_seconds:g} s in {wall:.2f} s: {rate:.1f} crops/s ({rate / workers:.1f} per worker process)"
-          + (f"; main-process cpu {crops / cpu:.1f} crops/s" if args.num_workers == 0 else ""))
-    print(f"  stream stats (including the warm-up batch): crops {totals.get('crops', 0)}, retries {totals.get('retries', 0)}, "
-          f"all_silent {totals.get('all_silent', 0)}, unreadable_files {totals.get('unreadable_files', 0)}, short files left out {stream.short_files}")
+    print(
+        f"\nwhole manifest through DataLoader(batch_size=None, num_workers={args.num_workers}), batches of {args.batch_size}:"
+    )
+    print(
+        f"  {crops} crops of {args.crop_seconds:g} s in {wall:.2f} s: {rate:.1f} crops/s ({rate / workers:.1f} per worker process)"
+        + (f"; main-process cpu {crops / cpu:.1f} crops/s" if args.num_workers == 0 else "")
+    )
+    print(
+        f"  stream stats (including the warm-up batch): crops {totals.get('crops', 0)}, retries {totals.get('retries', 0)}, "
+        f"all_silent {totals.get('all_silent', 0)}, unreadable_files {totals.get('unreadable_files', 0)}, short files left out {stream.short_files}"
+    )
     print(f"  naive baseline on this mix: {naive:.2f} crops/s; ratio {rate / naive:.0f}x")
     print(f"crops/s: {rate:.1f}")
     return rate

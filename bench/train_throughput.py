@@ -81,7 +81,9 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     samples = int(args.crop_seconds * 16000)
     frames = conv_frames(samples, *conv_geometry(config))
-    masks = MaskAndNegatives(frames, 0.65, 10, 100)({"crop_keys": np.array([[0, 0, i] for i in range(args.batch_size)])})
+    masks = MaskAndNegatives(frames, 0.65, 10, 100)(
+        {"crop_keys": np.array([[0, 0, i] for i in range(args.batch_size)])}
+    )
     inputs = {
         "input_values": torch.randn(args.batch_size, samples, device=device),
         "mask_time_indices": torch.from_numpy(masks["mask_time_indices"]).to(device),
@@ -120,10 +122,34 @@ def loop_speed(config_dir: Path, manifest: Path, workdir: Path, args) -> tuple[f
     os.environ["ACCELERATE_MIXED_PRECISION"] = {"fp32": "no"}.get(args.precision, args.precision)
     output_dir = workdir / "run"
     window = args.steps
-    flags = ["--config_name", str(config_dir), "--train_manifest", str(manifest), "--output_dir", str(output_dir),
-             "--crop_seconds", str(args.crop_seconds), "--per_device_train_batch_size", str(args.batch_size),
-             "--max_train_steps", str(2 * window), "--logging_steps", str(window), "--eval_steps", "0", "--save_steps", "0",
-             "--num_workers", str(args.num_workers), "--report_to", "none", "--learning_rate", "1e-5", "--epoch_multiplier", "1000"]
+    flags = [
+        "--config_name",
+        str(config_dir),
+        "--train_manifest",
+        str(manifest),
+        "--output_dir",
+        str(output_dir),
+        "--crop_seconds",
+        str(args.crop_seconds),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--max_train_steps",
+        str(2 * window),
+        "--logging_steps",
+        str(window),
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--num_workers",
+        str(args.num_workers),
+        "--report_to",
+        "none",
+        "--learning_rate",
+        "1e-5",
+        "--epoch_multiplier",
+        "1000",
+    ]
     if args.gradient_checkpointing:
         flags.append("--gradient_checkpointing")
     if torch.cuda.is_available():
@@ -137,24 +163,39 @@ def loop_speed(config_dir: Path, manifest: Path, workdir: Path, args) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="tiny, robust, base (wav2vec2-base architecture, random init) or a config folder")
+    parser.add_argument(
+        "--config",
+        default="tiny",
+        help="tiny, robust, base (wav2vec2-base architecture, random init) or a config folder",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--crop_seconds", type=float, default=8.0)
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (the loop runs 2 windows of this many, the last is reported)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help="timed steps (the loop runs 2 windows of this many, the last is reported)",
+    )
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--manifest", help="train manifest to read crops from (default: synthetic 16 kHz noise)")
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense bf16/fp16: 989)")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense bf16/fp16: 989)"
+    )
     parser.add_argument("--skip_loop", action="store_true", help="bare step only (e.g. for memory figures)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config_dir = model_folder(args.config, workdir)
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-        print(f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
-              f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device}")
+        device = (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        )
+        print(
+            f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
+            f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device}"
+        )
         bare, bare_memory = bare_step_speed(config_dir, args)
         print(f"bare step:  {bare:10.1f} audio-s/s   peak memory {bare_memory:.2f} GB")
         if not args.skip_loop:
@@ -168,7 +209,9 @@ def main() -> None:
             parameters = sum(np.prod(p) for p in _parameter_shapes(Wav2Vec2Config.from_pretrained(config_dir)))
             flops = BASE_TRAIN_FLOPS_PER_AUDIO_SECOND * parameters / BASE_PARAMETERS
             best = loop if not args.skip_loop else bare
-            print(f"MFU: {best * flops / (args.peak_tflops * 1e12) * 100:.1f} % ({flops / 1e9:.1f} GFLOP per audio second)")
+            print(
+                f"MFU: {best * flops / (args.peak_tflops * 1e12) * 100:.1f} % ({flops / 1e9:.1f} GFLOP per audio second)"
+            )
         print(f"audio-s/s: {loop if not args.skip_loop else bare:.1f}")
 
 

@@ -85,7 +85,9 @@ def recording(rng: np.random.Generator, minutes: float) -> np.ndarray:
     return np.clip(audio / max(1.0, np.abs(audio).max() / 0.9), -1, 1).astype(np.float32)
 
 
-def write_audio(path: Path, audio16k: np.ndarray, sample_rate: int, channels: int, subtype: str, rng: np.random.Generator) -> None:
+def write_audio(
+    path: Path, audio16k: np.ndarray, sample_rate: int, channels: int, subtype: str, rng: np.random.Generator
+) -> None:
     audio = audio16k if sample_rate == BASE_RATE else soxr.resample(audio16k, BASE_RATE, sample_rate)
     if channels == 2:  # the second microphone hears the room slightly differently
         audio = np.stack([audio, 0.8 * audio + 1e-4 * rng.standard_normal(len(audio)).astype(np.float32)], axis=1)
@@ -117,8 +119,14 @@ def make_corpus(output_dir, participants: int = 6, minutes: float = 3.0, seed: i
 # a band of hiss, so that they differ across the whole band. (start Hz, end Hz, pulses per second);
 # None is the hiss.
 CHARACTER_SOUNDS = {
-    "a": (400, 400, 0), "e": (2000, 2000, 0), "i": (5000, 5000, 0), "o": (400, 400, 50),
-    "k": (5000, 5000, 50), "m": (400, 5000, 0), "d": (5000, 400, 0), "s": None,
+    "a": (400, 400, 0),
+    "e": (2000, 2000, 0),
+    "i": (5000, 5000, 0),
+    "o": (400, 400, 50),
+    "k": (5000, 5000, 50),
+    "m": (400, 5000, 0),
+    "d": (5000, 400, 0),
+    "s": None,
 }
 LABELLED_FORMATS = [("wav", 16_000, 1, "PCM_16"), ("flac", 44_100, 2, "PCM_16"), ("wav", 22_050, 1, "PCM_16")]
 LABELLED_COLUMNS = ["path", "text", "participant", "start", "end"]
@@ -174,7 +182,13 @@ def speak(rng: np.random.Generator, text: str, pitch: float, noise_level: float)
     return audio + noise_level * rng.standard_normal(len(audio))
 
 
-def make_labelled_set(output_dir, num_utterances: int = 600, seed: int = 0, num_speakers: int = 6, alphabet: str = "".join(CHARACTER_SOUNDS)) -> dict:
+def make_labelled_set(
+    output_dir,
+    num_utterances: int = 600,
+    seed: int = 0,
+    num_speakers: int = 6,
+    alphabet: str = "".join(CHARACTER_SOUNDS),
+) -> dict:
     """Write the labelled set: audio in output_dir/audio, output_dir/train.tsv and dev.tsv.
 
     Six speakers (`S01`...) with pitches of their own; the last one is the dev set. About two in
@@ -207,7 +221,9 @@ def make_labelled_set(output_dir, num_utterances: int = 600, seed: int = 0, num_
                 session += [gap, audio]
                 start = position + len(gap) / BASE_RATE
                 position = start + len(audio) / BASE_RATE
-                session_rows.append({"text": text, "participant": speaker, "start": f"{start:.4f}", "end": f"{position:.4f}"})
+                session_rows.append(
+                    {"text": text, "participant": speaker, "start": f"{start:.4f}", "end": f"{position:.4f}"}
+                )
         if session_rows:
             name = f"audio/{speaker}_session.flac"
             session.append(noise_level * rng.standard_normal(BASE_RATE))
@@ -237,7 +253,9 @@ def main() -> None:
         print(f"wrote {len(paths)} recordings of {args.participants} participants to {args.output_dir}")
     if args.labelled_dir:
         counts = make_labelled_set(args.labelled_dir, args.utterances, args.seed)
-        print(f"wrote a labelled set of {counts['train']} train and {counts['dev']} dev utterances to {args.labelled_dir}")
+        print(
+            f"wrote a labelled set of {counts['train']} train and {counts['dev']} dev utterances to {args.labelled_dir}"
+        )
 
 
 if __name__ == "__main__":

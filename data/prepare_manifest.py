@@ -39,7 +39,9 @@ def main(argv=None) -> dict:
     if not 0 <= args.dev_fraction < 1:
         parser.error(f"--dev_fraction must be in [0, 1), got {args.dev_fraction}")
     try:
-        summary = prepare_manifests(args.audio_dir, args.output_dir, args.participant_regex, args.dev_fraction, args.min_seconds, args.seed)
+        summary = prepare_manifests(
+            args.audio_dir, args.output_dir, args.participant_regex, args.dev_fraction, args.min_seconds, args.seed
+        )
     except ValueError as error:
         parser.error(str(error))
     print(json.dumps(summary, indent=2))

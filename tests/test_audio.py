@@ -11,6 +11,8 @@ EXTENSIONS = ["wav", "flac", "ogg"]
 RATES = [8000, 16000, 22050, 44100, 48000]
 CHANNELS = [1, 2]
 SECONDS = 3.0
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")
@@ -24,7 +26,9 @@ def files(tmp_path_factory):
 def region_starts(total: int, length: int, seed: int) -> list[int]:
     """Edges, odd offsets and random points, shuffled so the handle seeks backwards and forwards."""
     rng = np.random.default_rng(seed)
-    starts = [0, 1, 7, 319, 321, total // 2, total - length, total - length - 1] + rng.integers(0, total - length, 12).tolist()
+    starts = [0, 1, 7, 319, 321, total // 2, total - length, total - length - 1] + rng.integers(
+        0, total - length, 12
+    ).tolist()
     return [int(s) for s in rng.permutation(starts)]
 
 

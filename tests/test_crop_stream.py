@@ -35,7 +35,9 @@ def locate_all(crop_array: np.ndarray, ref: np.ndarray) -> list[int]:
     for crop in crop_array:
         corr = np.fft.irfft(ref_spectrum * np.conj(np.fft.rfft(crop, n)), n)[: len(ref) - length + 1]
         start = int(np.argmax(corr))
-        assert np.abs(crop - ref[start : start + length]).max() <= TOLERANCE, f"crop not found in the file (best guess {start})"
+        assert np.abs(crop - ref[start : start + length]).max() <= TOLERANCE, (
+            f"crop not found in the file (best guess {start})"
+        )
         starts.append(start)
     return starts
 
@@ -64,7 +66,9 @@ LEVEL = 0.08
 
 def level_file(root, i, seconds, sr=16000, ext="wav") -> Path:
     t = np.arange(int(seconds * sr)) / sr
-    return write_signal(Path(root) / f"P{i:02d}_lvl.{ext}", (LEVEL * (i + 1) * np.sin(2 * np.pi * 500 * t)).astype(np.float32), sr)
+    return write_signal(
+        Path(root) / f"P{i:02d}_lvl.{ext}", (LEVEL * (i + 1) * np.sin(2 * np.pi * 500 * t)).astype(np.float32), sr
+    )
 
 
 def source_ids(crop_array) -> list[int]:
@@ -79,10 +83,18 @@ def mixed_rows(tmp_path_factory):
     """Four 3 s files in the formats and rates users bring, each with a distinct chirp."""
     root = tmp_path_factory.mktemp("mixed")
     specs = [("wav", 16000, 1), ("flac", 44100, 2), ("ogg", 48000, 1), ("wav", 22050, 2)]
-    return [row(write_signal(root / f"P0{i}_x.{e}", chirp(3.0, sr, ch, seed=10 + i), sr), f"P0{i}") for i, (e, sr, ch) in enumerate(specs)]
+    return [
+        row(write_signal(root / f"P0{i}_x.{e}", chirp(3.0, sr, ch, seed=10 + i), sr), f"P0{i}")
+        for i, (e, sr, ch) in enumerate(specs)
+    ]
 
 
-FORMATS = [(ext, sr, channels) for ext in ("wav", "flac", "ogg") for sr in (8000, 16000, 22050, 44100, 48000) for channels in (1, 2)]
+FORMATS = [
+    (ext, sr, channels)
+    for ext in ("wav", "flac", "ogg")
+    for sr in (8000, 16000, 22050, 44100, 48000)
+    for channels in (1, 2)
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +131,9 @@ def test_silence_rejection_keeps_only_crops_from_the_loud_region(tmp_path, monke
     monkeypatch.setattr(common, "read_mono", lambda *a: reads.append(1) or real_read_mono(*a))
     # A try overlaps the loud 2 s with probability ~8 %: 200 redraws make an all-silent crop a
     # 1e-7 event, and the stream is seeded, so this is a fixed outcome, not a flaky one.
-    stream = CropStream([([row(path)], 1.0)], batch_size=8, crop_seconds=CROP, epoch_multiplier=24, min_rms=0.001, max_crop_retries=200)
+    stream = CropStream(
+        [([row(path)], 1.0)], batch_size=8, crop_seconds=CROP, epoch_multiplier=24, min_rms=0.001, max_crop_retries=200
+    )
     got = batches(stream)
     stats = got[-1]["stream_stats"]
     assert (stats["crops"], stats["all_silent"]) == (24, 0)
@@ -147,7 +161,14 @@ def test_all_silent_file_uses_the_loudest_try_and_counts_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(common, "read_mono", recording_read)
     retries = 6
-    stream = CropStream([([row(path)], 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=12, min_rms=0.001, max_crop_retries=retries)
+    stream = CropStream(
+        [([row(path)], 1.0)],
+        batch_size=4,
+        crop_seconds=CROP,
+        epoch_multiplier=12,
+        min_rms=0.001,
+        max_crop_retries=retries,
+    )
     got = batches(stream)
     stats = got[-1]["stream_stats"]
     assert stats == {"crops": 12, "retries": 12 * retries, "all_silent": 12, "unreadable_files": 0}
@@ -174,7 +195,9 @@ def test_two_ranks_with_two_workers_each_share_an_epoch_without_duplicates(tmp_p
     rows = [row(level_file(tmp_path, i, 2.0), f"P{i:02d}") for i in range(5)]
     served = {}
     for rank in range(2):
-        stream = CropStream([(rows, 1.0)], batch_size=2, crop_seconds=CROP, epoch_multiplier=4, seed=3, rank=rank, world_size=2)
+        stream = CropStream(
+            [(rows, 1.0)], batch_size=2, crop_seconds=CROP, epoch_multiplier=4, seed=3, rank=rank, world_size=2
+        )
         assert len(stream) == 5  # 20 crops per epoch / (2 per batch x 2 ranks)
         got = batches(stream, len(stream), num_workers=2)
         assert {b["worker"] for b in got} == {0, 1}
@@ -222,7 +245,11 @@ def test_files_broken_after_the_manifest_are_skipped_counted_and_warned(tmp_path
 
 
 def test_stream_totals_sums_the_latest_counters_of_each_worker():
-    assert stream_totals({0: {"crops": 8, "retries": 2}, 1: {"crops": 6, "retries": 1, "all_silent": 1}}) == {"crops": 14, "retries": 3, "all_silent": 1}
+    assert stream_totals({0: {"crops": 8, "retries": 2}, 1: {"crops": 6, "retries": 1, "all_silent": 1}}) == {
+        "crops": 14,
+        "retries": 3,
+        "all_silent": 1,
+    }
 
 
 def test_manifest_weights_set_the_share_of_crops(tmp_path):
@@ -240,7 +267,9 @@ def test_manifest_weights_set_the_share_of_crops(tmp_path):
 
 def test_crops_by_duration_shares_crops_in_proportion_to_length(tmp_path):
     rows = [row(level_file(tmp_path, i, seconds), f"P{i:02d}") for i, seconds in enumerate([2.0, 4.0, 6.0])]
-    by_duration = CropStream([(rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=4, crops_by_duration=True)
+    by_duration = CropStream(
+        [(rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=4, crops_by_duration=True
+    )
     per_file = CropStream([(rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=4)
     assert np.bincount(source_ids(crops(batches(by_duration, 3))), minlength=3).tolist() == [2, 4, 6]
     assert np.bincount(source_ids(crops(batches(per_file, 3))), minlength=3).tolist() == [4, 4, 4]
@@ -278,7 +307,9 @@ def test_new_epochs_draw_fresh_crop_positions(tmp_path):
 
 
 def test_normalize_gives_zero_mean_unit_variance_of_the_same_crops(mixed_rows):
-    make = lambda normalize: CropStream([(mixed_rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=2, seed=1, normalize=normalize)
+    make = lambda normalize: CropStream(
+        [(mixed_rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=2, seed=1, normalize=normalize
+    )
     raw, normalized = crops(batches(make(False), 2)), crops(batches(make(True), 2))
     assert np.abs(normalized.mean(axis=1)).max() < 1e-5
     np.testing.assert_allclose(normalized.std(axis=1), 1.0, atol=1e-3)
@@ -293,7 +324,9 @@ def test_files_shorter_than_a_crop_are_left_out_and_counted(tmp_path):
     assert stream.short_files == 3 and stream.crops_per_epoch == 6
     assert set(source_ids(crops(batches(stream, 3)))) == {0, 1}
     with pytest.raises(ValueError, match=r"read\.tsv: no file is at least one crop long \(0.5 s\); 3 file\(s\)"):
-        CropStream([(long_rows, 0.5), (short_rows, 0.5)], batch_size=2, crop_seconds=CROP, names=["home.tsv", "read.tsv"])
+        CropStream(
+            [(long_rows, 0.5), (short_rows, 0.5)], batch_size=2, crop_seconds=CROP, names=["home.tsv", "read.tsv"]
+        )
     with pytest.raises(ValueError, match="fewer than one batch"):
         CropStream([(long_rows, 1.0)], batch_size=4, crop_seconds=CROP, epoch_multiplier=1)
 
@@ -324,7 +357,14 @@ def test_a_two_hour_file_streams_with_bounded_memory(tmp_path):
     tracemalloc.start()
     try:
         manifest_row = row(path)
-        stream = CropStream([([manifest_row], 1.0)], batch_size=4, crop_seconds=8.0, epoch_multiplier=16, min_rms=0.01, max_crop_retries=60)
+        stream = CropStream(
+            [([manifest_row], 1.0)],
+            batch_size=4,
+            crop_seconds=8.0,
+            epoch_multiplier=16,
+            min_rms=0.01,
+            max_crop_retries=60,
+        )
         got = batches(stream, 4)
         _, peak = tracemalloc.get_traced_memory()
     finally:

@@ -50,7 +50,9 @@ def steady(seconds, sample_rate=SR, seed=0):
 def whole_file_pass(model_dir, audio, normalize, output_hidden_states=False):
     model = Wav2Vec2Model.from_pretrained(model_dir).eval()
     if normalize:
-        inputs = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)(audio, sampling_rate=SR, return_tensors="pt").input_values
+        inputs = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)(
+            audio, sampling_rate=SR, return_tensors="pt"
+        ).input_values
     else:
         inputs = torch.from_numpy(audio)[None]
     with torch.inference_mode():
@@ -58,7 +60,15 @@ def whole_file_pass(model_dir, audio, normalize, output_hidden_states=False):
 
 
 def extract(model_dir, output_dir, *inputs, **flags):
-    argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--num_workers", "0", *map(str, inputs)]
+    argv = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--num_workers",
+        "0",
+        *map(str, inputs),
+    ]
     for key, value in flags.items():
         argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return ef.main(argv)
@@ -82,9 +92,20 @@ def models(tmp_path_factory, tiny_base_dir, tiny_robust_dir):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("region_start, region_length, file_length", [(0, 50 * SR, 50 * SR), (0, 7 * SR + 123, 7 * SR + 123), (3 * SR + 17, 20 * SR, 40 * SR), (35 * SR, 5 * SR - 11, 40 * SR), (0, 399, 399)])
+@pytest.mark.parametrize(
+    "region_start, region_length, file_length",
+    [
+        (0, 50 * SR, 50 * SR),
+        (0, 7 * SR + 123, 7 * SR + 123),
+        (3 * SR + 17, 20 * SR, 40 * SR),
+        (35 * SR, 5 * SR - 11, 40 * SR),
+        (0, 399, 399),
+    ],
+)
 @pytest.mark.parametrize("chunk_frames, context_frames", [(250, 100), (100, 0), (37, 60)])
-def test_windows_compute_every_frame_once_on_the_whole_region_grid(region_start, region_length, file_length, chunk_frames, context_frames, tiny_base_dir):
+def test_windows_compute_every_frame_once_on_the_whole_region_grid(
+    region_start, region_length, file_length, chunk_frames, context_frames, tiny_base_dir
+):
     num_frames, windows = ef.plan_windows(region_start, region_length, file_length, chunk_frames, context_frames)
     model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(tiny_base_dir))
     assert num_frames == int(model._get_feat_extract_output_lengths(torch.tensor(region_length)))
@@ -152,7 +173,9 @@ def test_each_window_is_normalised_like_the_feature_extractor_does(models, tmp_p
     write_signal(tmp_path / "levels" / "loud.wav", loud, SR, "FLOAT")
     write_signal(tmp_path / "levels" / "quiet.wav", quiet, SR, "FLOAT")
     extract(models["base"], tmp_path / "levels_out", tmp_path / "levels", chunk_seconds=3, context_seconds=1)
-    np.testing.assert_allclose(np.load(tmp_path / "levels_out" / "quiet.npy"), np.load(tmp_path / "levels_out" / "loud.npy"), atol=1e-4)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "levels_out" / "quiet.npy"), np.load(tmp_path / "levels_out" / "loud.npy"), atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +214,19 @@ def test_layers_pooling_and_formats(models, tmp_path):
     np.testing.assert_allclose(torch.load(tmp_path / "mean" / "rec.pt").numpy(), last.mean(axis=0), atol=1e-5)
 
     frames = len(last)
-    for folder, shape, layers in [("all", f"3x{frames}x32", "0,1,2"), ("last", f"{frames}x32", "last"), ("ms", "2x64", "0,2"), ("mean", "32", "last")]:
+    for folder, shape, layers in [
+        ("all", f"3x{frames}x32", "0,1,2"),
+        ("last", f"{frames}x32", "last"),
+        ("ms", "2x64", "0,2"),
+        ("mean", "32", "last"),
+    ]:
         (row,) = read_tsv(tmp_path / folder / "index.tsv", [])
-        assert (row["shape"], row["layers"], row["num_frames"], row["frame_rate"]) == (shape, layers, str(frames), "50")
+        assert (row["shape"], row["layers"], row["num_frames"], row["frame_rate"]) == (
+            shape,
+            layers,
+            str(frames),
+            "50",
+        )
         assert (row["source"], float(row["start"]), float(row["end"])) == (str(path), 0.0, 5.0)
 
 
@@ -228,11 +261,26 @@ def test_segments_from_rttm_and_tsv(models, tmp_path):
     assert failure["label"] == "KCHI" and "shorter than one frame" in failure["reason"]
 
     # A TSV names its files; without context each segment is extracted on its own.
-    (tmp_path / "audio" / "segments.tsv").write_text("path\tstart\tend\nP01_day1.wav\t3.0\t5.0\nP02_day1.wav\t0.5\t2.5\n")
-    extract(models["robust_raw"], tmp_path / "pooled", segments=tmp_path / "audio" / "segments.tsv", pooling="mean", context_seconds=0)
-    alone = whole_file_pass(models["robust_raw"], audio[3 * SR : 5 * SR], normalize=False)[1].last_hidden_state[0].numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "pooled" / "P01_day1" / "000003000-000005000.npy"), alone.mean(axis=0), atol=1e-5)
-    assert [r["output"] for r in read_tsv(tmp_path / "pooled" / "index.tsv", [])] == ["P01_day1/000003000-000005000.npy", "P02_day1/000000500-000002500.npy"]
+    (tmp_path / "audio" / "segments.tsv").write_text(
+        "path\tstart\tend\nP01_day1.wav\t3.0\t5.0\nP02_day1.wav\t0.5\t2.5\n"
+    )
+    extract(
+        models["robust_raw"],
+        tmp_path / "pooled",
+        segments=tmp_path / "audio" / "segments.tsv",
+        pooling="mean",
+        context_seconds=0,
+    )
+    alone = (
+        whole_file_pass(models["robust_raw"], audio[3 * SR : 5 * SR], normalize=False)[1].last_hidden_state[0].numpy()
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "pooled" / "P01_day1" / "000003000-000005000.npy"), alone.mean(axis=0), atol=1e-5
+    )
+    assert [r["output"] for r in read_tsv(tmp_path / "pooled" / "index.tsv", [])] == [
+        "P01_day1/000003000-000005000.npy",
+        "P02_day1/000000500-000002500.npy",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +295,19 @@ def test_batched_windows_give_the_same_features_as_one_at_a_time(models, tmp_pat
     for i, seconds in enumerate([9.3, 2.1, 14.0, 3.7, 0.9]):
         write_signal(tmp_path / "audio" / f"f{i}.wav", steady(seconds, seed=10 + i), SR, "FLOAT")
     extract(models[name], tmp_path / "one", tmp_path / "audio", chunk_seconds=2, context_seconds=1, batch_size=1)
-    extract(models[name], tmp_path / "many", tmp_path / "audio", chunk_seconds=2, context_seconds=1, batch_size=4, num_workers=1)
+    extract(
+        models[name],
+        tmp_path / "many",
+        tmp_path / "audio",
+        chunk_seconds=2,
+        context_seconds=1,
+        batch_size=4,
+        num_workers=1,
+    )
     for i in range(5):
-        np.testing.assert_allclose(np.load(tmp_path / "many" / f"f{i}.npy"), np.load(tmp_path / "one" / f"f{i}.npy"), atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "many" / f"f{i}.npy"), np.load(tmp_path / "one" / f"f{i}.npy"), atol=1e-5
+        )
     assert read_tsv(tmp_path / "many" / "index.tsv", []) == read_tsv(tmp_path / "one" / "index.tsv", [])
 
 
@@ -309,9 +367,13 @@ def test_processes_split_the_files_and_the_main_process_merges_the_index(models,
         result = extract(models["robust"], tmp_path / "split", tmp_path / "audio")
         assert result["outputs"] in (2, 3)
     assert read_tsv(tmp_path / "split" / "index.tsv", []) == read_tsv(tmp_path / "single" / "index.tsv", [])
-    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir()
+    )
     for i in range(5):
-        np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-6
+        )
 
 
 def test_two_real_processes_under_torchrun(models, tmp_path):
@@ -319,31 +381,51 @@ def test_two_real_processes_under_torchrun(models, tmp_path):
     for i, seconds in enumerate([3, 1, 2]):
         write_signal(tmp_path / "audio" / f"r{i}.wav", steady(seconds, seed=40 + i), SR)
     extract(models["base"], tmp_path / "single", tmp_path / "audio")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(REPO / "extract_features.py"), "--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "split"),
-               "--num_workers", "0", str(tmp_path / "audio")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(REPO / "extract_features.py"),
+        "--model_name_or_path",
+        models["base"],
+        "--output_dir",
+        str(tmp_path / "split"),
+        "--num_workers",
+        "0",
+        str(tmp_path / "audio"),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_tsv(tmp_path / "split" / "index.tsv", []) == read_tsv(tmp_path / "single" / "index.tsv", [])
     for i in range(3):
-        np.testing.assert_allclose(np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "split" / f"r{i}.npy"), np.load(tmp_path / "single" / f"r{i}.npy"), atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["missing.wav"], "INPUT missing.wav does not exist"),
-    (["{audio}", "--layers", "6;12"], "--layers"),
-    (["{audio}", "--layers", "3"], "--layers 3: the model has hidden states 0..2"),
-    (["{audio}", "--chunk_seconds", "0"], "--chunk_seconds"),
-    (["{audio}", "--segments", "nowhere.rttm"], "--segments nowhere.rttm"),
-    (["{audio}", "--segments", "{bad_rttm}"], "line 2"),
-    ([], "give at least one INPUT"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["missing.wav"], "INPUT missing.wav does not exist"),
+        (["{audio}", "--layers", "6;12"], "--layers"),
+        (["{audio}", "--layers", "3"], "--layers 3: the model has hidden states 0..2"),
+        (["{audio}", "--chunk_seconds", "0"], "--chunk_seconds"),
+        (["{audio}", "--segments", "nowhere.rttm"], "--segments nowhere.rttm"),
+        (["{audio}", "--segments", "{bad_rttm}"], "line 2"),
+        ([], "give at least one INPUT"),
+    ],
+)
 def test_bad_input_names_the_flag_or_file(models, tmp_path, capsys, flags, message):
     audio = write_signal(tmp_path / "a.wav", steady(1), SR)
     bad_rttm = tmp_path / "bad.rttm"
     bad_rttm.write_text("SPEAKER a 1 0.0 1.0 <NA> <NA> CHI <NA> <NA>\nSPEAKER a 1 zero\n")
-    argv = ["--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "out")] + [f.format(audio=audio, bad_rttm=bad_rttm) for f in flags]
+    argv = ["--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "out")] + [
+        f.format(audio=audio, bad_rttm=bad_rttm) for f in flags
+    ]
     with pytest.raises(SystemExit) as raised:
         ef.main(argv)
     assert message in str(raised.value.code) + capsys.readouterr().err
@@ -372,8 +454,19 @@ def test_two_hour_file_extracts_with_bounded_memory(tmp_path, tiny_base_dir, rep
     same for 1, 2 and 4 hours). The model is the tiny base config shrunk further (one 400/320 conv
     layer, width 8) so that two hours run in seconds; the memory measured is the reading, batching
     and writing, which do not depend on the model's size."""
-    model = save_model(tiny_base_dir, tmp_path / "model", conv_dim=(8,), conv_kernel=(400,), conv_stride=(320,), num_feat_extract_layers=1,
-                       hidden_size=8, intermediate_size=16, num_attention_heads=1, num_hidden_layers=1, num_conv_pos_embedding_groups=2)
+    model = save_model(
+        tiny_base_dir,
+        tmp_path / "model",
+        conv_dim=(8,),
+        conv_kernel=(400,),
+        conv_stride=(320,),
+        num_feat_extract_layers=1,
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=1,
+        num_hidden_layers=1,
+        num_conv_pos_embedding_groups=2,
+    )
     long_path = write_sparse_recording(tmp_path / "day.flac", hours=2)
     short_path = write_signal(tmp_path / "short.flac", steady(900, seed=40), SR)
     assert long_path.stat().st_size < 5e6

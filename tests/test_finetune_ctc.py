@@ -16,7 +16,6 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-
 from helpers import chirp, write_signal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,8 +23,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_script(*args, timeout=600):
-    result = subprocess.run([sys.executable, str(REPO / "finetune_ctc.py"), *map(str, args)], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune_ctc.py"), *map(str, args)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -45,7 +50,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 def subset(manifest: Path, target: Path, rows: int) -> Path:
     """The first `rows` rows of a manifest, written elsewhere with absolute paths."""
     lines = manifest.read_text().splitlines()
-    absolute = [str(manifest.parent / line.split("\t")[0]) + line[line.index("\t"):] for line in lines[1 : rows + 1]]
+    absolute = [str(manifest.parent / line.split("\t")[0]) + line[line.index("\t") :] for line in lines[1 : rows + 1]]
     target.write_text("\n".join(lines[:1] + absolute) + "\n")
     return target
 
@@ -79,9 +84,20 @@ def pretrained(tmp_path_factory, tiny_base_dir) -> Path:
 def trained(labelled, pretrained, tmp_path_factory) -> Path:
     """The demo recipe on the synthetic alphabet, from a (random) local pretraining output."""
     out = tmp_path_factory.mktemp("ctc")
-    run_script(REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml", *flags(
-        model_name_or_path=pretrained, train_manifest=labelled / "train.tsv", eval_manifest=labelled / "dev.tsv",
-        output_dir=out, eval_steps=150, save_steps=0, logging_steps=50, num_workers=1, max_train_steps=300))
+    run_script(
+        REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml",
+        *flags(
+            model_name_or_path=pretrained,
+            train_manifest=labelled / "train.tsv",
+            eval_manifest=labelled / "dev.tsv",
+            output_dir=out,
+            eval_steps=150,
+            save_steps=0,
+            logging_steps=50,
+            num_workers=1,
+            max_train_steps=300,
+        ),
+    )
     return out
 
 
@@ -105,7 +121,10 @@ def test_tiny_model_learns_the_synthetic_alphabet(trained):
     from huggingface_hub import ModelCard  # the Hub's own parser: it refuses cards whose model-index it cannot read
 
     metadata = ModelCard.load(trained / "README.md").data
-    assert [(r.metric_type, r.metric_value) for r in metadata.eval_results] == [("wer", round(results["wer"], 4)), ("cer", round(results["cer"], 4))]
+    assert [(r.metric_type, r.metric_value) for r in metadata.eval_results] == [
+        ("wer", round(results["wer"], 4)),
+        ("cer", round(results["cer"], 4)),
+    ]
     assert all(r.dataset_name and r.task_type == "automatic-speech-recognition" for r in metadata.eval_results)
     assert not metadata.base_model  # a local folder is no hub id
     assert not (trained / "best").exists()
@@ -117,18 +136,20 @@ def test_output_loads_as_ctc_model_and_processor(trained, labelled):
     model = Wav2Vec2ForCTC.from_pretrained(trained)
     processor = Wav2Vec2Processor.from_pretrained(trained)
     vocab = json.loads((trained / "vocab.json").read_text())
-    assert (vocab["[PAD]"], vocab["[UNK]"], vocab["|"]) == (0, 1, 2) and set(vocab) - {"[PAD]", "[UNK]", "|"} == set("adeikmos")
+    assert (vocab["[PAD]"], vocab["[UNK]"], vocab["|"]) == (0, 1, 2) and set(vocab) - {"[PAD]", "[UNK]", "|"} == set(
+        "adeikmos"
+    )
     assert model.config.vocab_size == len(vocab) and model.config.pad_token_id == vocab["[PAD]"] == 0
     assert (trained / "preprocessor_config.json").is_file()
     assert processor.tokenizer.decode([vocab["k"], vocab["k"], 0, vocab["o"], vocab["|"], vocab["a"]]) == "ko a"
 
 
 def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
-    from finetune_ctc import normalize_text, transcribe
     from jiwer import cer
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
     from common import load_audio, read_tsv
+    from finetune_ctc import normalize_text, transcribe
 
     dev = [r for r in read_tsv(labelled / "dev.tsv", ["path", "text"]) if not r["start"]][:12]
     # A long recording made of dev utterances, decoded 2 s at a time: words at chunk edges survive.
@@ -143,9 +164,23 @@ def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
     assert sf.info(str(long_file)).duration > 3 * 2.0
     assert cer(reference, whole) < 0.3 and cer(reference, chunked) < 0.3, (reference, whole, chunked)
 
-    result = subprocess.run([sys.executable, str(REPO / "finetune_ctc.py"), "transcribe", "--model_name_or_path", str(trained),
-                             dev[0]["path"], str(tmp_path / "missing.wav"), dev[1]["path"]],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "finetune_ctc.py"),
+            "transcribe",
+            "--model_name_or_path",
+            str(trained),
+            dev[0]["path"],
+            str(tmp_path / "missing.wav"),
+            dev[1]["path"],
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 1 and "missing.wav" in result.stderr  # a bad file is reported, the others still done
     assert [line.split("\t")[0] for line in lines] == [dev[0]["path"], dev[1]["path"]]
@@ -163,14 +198,30 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
 
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 48)
     dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 16)
-    common_flags = flags(model_name_or_path=pretrained, train_manifest=train, eval_manifest=dev, max_train_steps=6,
-                         per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=2,
-                         logging_steps=1, eval_steps=0, save_steps=3, mask_time_prob=0.2, mask_time_length=3, layerdrop=0.2,
-                         num_workers=1, report_to="none")
+    common_flags = flags(
+        model_name_or_path=pretrained,
+        train_manifest=train,
+        eval_manifest=dev,
+        max_train_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        logging_steps=1,
+        eval_steps=0,
+        save_steps=3,
+        mask_time_prob=0.2,
+        mask_time_length=3,
+        layerdrop=0.2,
+        num_workers=1,
+        report_to="none",
+    )
     first, second = tmp_path / "first", tmp_path / "second"
     run_script(*common_flags, "--output_dir", first)
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
-    run_script(*common_flags, "--output_dir", second, "--resume_from_checkpoint", first / "checkpoints" / "checkpoint-3")
+    run_script(
+        *common_flags, "--output_dir", second, "--resume_from_checkpoint", first / "checkpoints" / "checkpoint-3"
+    )
 
     uninterrupted, resumed = losses(first), losses(second)
     assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]
@@ -188,20 +239,53 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
     assert json.loads((first / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
 
 
-@pytest.mark.parametrize("regularisation", [dict(layerdrop=0.5), dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.2)],
-                         ids=["layerdrop", "feature-masks-only"])
-def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(labelled, pretrained, tmp_path, regularisation):
+@pytest.mark.parametrize(
+    "regularisation",
+    [dict(layerdrop=0.5), dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.2)],
+    ids=["layerdrop", "feature-masks-only"],
+)
+def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(
+    labelled, pretrained, tmp_path, regularisation
+):
     """torchrun with 2 CPU processes (gloo): an odd dev set is split unevenly and gathered whole.
     LayerDrop skips layers, and feature masks alone leave the time-mask embedding unused: DDP must
     get through both."""
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 32)
     dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 9)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(REPO / "finetune_ctc.py"),
-               *flags(model_name_or_path=pretrained, train_manifest=train, eval_manifest=dev, max_train_steps=3, per_device_train_batch_size=4,
-                      per_device_eval_batch_size=2, eval_steps=3, save_steps=0, logging_steps=1, num_workers=0, report_to="none", **regularisation),
-               "--output_dir", str(out)]
-    result = subprocess.run(command, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(REPO / "finetune_ctc.py"),
+        *flags(
+            model_name_or_path=pretrained,
+            train_manifest=train,
+            eval_manifest=dev,
+            max_train_steps=3,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=2,
+            eval_steps=3,
+            save_steps=0,
+            logging_steps=1,
+            num_workers=0,
+            report_to="none",
+            **regularisation,
+        ),
+        "--output_dir",
+        str(out),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "outlives the process group" not in result.stderr  # the DDP wrapper is freed first, or the exit can hang
     results = json.loads((out / "eval_results.json").read_text())
@@ -220,8 +304,24 @@ def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 24)
     dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 8)
     out = tmp_path / "run"
-    args = [*flags(model_name_or_path=pretrained, train_manifest=train, eval_manifest=dev, max_train_steps=2, per_device_train_batch_size=4,
-                   eval_steps=1, save_steps=2, logging_steps=1, num_workers=0, report_to="none"), "--output_dir", out, "--resume_from_checkpoint", "latest"]
+    args = [
+        *flags(
+            model_name_or_path=pretrained,
+            train_manifest=train,
+            eval_manifest=dev,
+            max_train_steps=2,
+            per_device_train_batch_size=4,
+            eval_steps=1,
+            save_steps=2,
+            logging_steps=1,
+            num_workers=0,
+            report_to="none",
+        ),
+        "--output_dir",
+        out,
+        "--resume_from_checkpoint",
+        "latest",
+    ]
     run_script(*args)
     results = json.loads((out / "eval_results.json").read_text())
     weights = load_file(out / "model.safetensors")
@@ -251,12 +351,19 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
     def audio_value(path):
         return {"bytes": Path(path).read_bytes(), "path": Path(path).name}
 
-    train = {"audio": [audio_value(r["path"]) for r in rows[:24]] + [{"bytes": b"not audio at all", "path": "broken.wav"}],
-             "sentence": [r["text"] for r in rows[:24]] + ["ka"]}
-    dev = {"audio": [audio_value(r["path"]) for r in stereo[:3] + rows[30:33]], "sentence": [r["text"] for r in stereo[:3] + rows[30:33]]}
+    train = {
+        "audio": [audio_value(r["path"]) for r in rows[:24]] + [{"bytes": b"not audio at all", "path": "broken.wav"}],
+        "sentence": [r["text"] for r in rows[:24]] + ["ka"],
+    }
+    dev = {
+        "audio": [audio_value(r["path"]) for r in stereo[:3] + rows[30:33]],
+        "sentence": [r["text"] for r in stereo[:3] + rows[30:33]],
+    }
     for split, columns in (("train", train), ("validation", dev)):
         (tmp_path / "ds" / "data").mkdir(parents=True, exist_ok=True)
-        Dataset.from_dict(columns).cast_column("audio", Audio(decode=False)).to_parquet(tmp_path / "ds" / "data" / f"{split}-00000-of-00001.parquet")
+        Dataset.from_dict(columns).cast_column("audio", Audio(decode=False)).to_parquet(
+            tmp_path / "ds" / "data" / f"{split}-00000-of-00001.parquet"
+        )
 
     data_args = finetune_ctc.DataArguments(dataset_name=str(tmp_path / "ds"), text_column_name="sentence")
     train_rows, dev_rows, unreadable, _, splits = finetune_ctc.dataset_utterances(data_args)
@@ -268,9 +375,22 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="finetune_ctc")
     sigterm = signal.getsignal(signal.SIGTERM)
-    finetune_ctc.main(flags(config_name=tiny_robust_dir, dataset_name=tmp_path / "ds", text_column_name="sentence", output_dir=out,
-                            max_train_steps=2, per_device_train_batch_size=4, max_duration_seconds=0.8, eval_steps=0,
-                            save_steps=0, num_workers=0, report_to="none", learning_rate=1e-3))
+    finetune_ctc.main(
+        flags(
+            config_name=tiny_robust_dir,
+            dataset_name=tmp_path / "ds",
+            text_column_name="sentence",
+            output_dir=out,
+            max_train_steps=2,
+            per_device_train_batch_size=4,
+            max_duration_seconds=0.8,
+            eval_steps=0,
+            save_steps=0,
+            num_workers=0,
+            report_to="none",
+            learning_rate=1e-3,
+        )
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_utterances"] == 6 and results["unreadable_at_start"] == 1
     assert results["long_train_utterances"] == sum(r["duration"] > 0.8 for r in train_rows) > 0
@@ -299,7 +419,9 @@ def test_normalisation_and_tokenizer_round_trip_hindi_and_english(tmp_path, tiny
     vocab = tokenizer.get_vocab()
     assert {"\u094d", "\u093c", "\u0947"} <= set(vocab) and vocab["[PAD]"] == 0 and "[UNK]" in vocab
     folder = tmp_path / "processor"
-    Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(tiny_base_dir), tokenizer=tokenizer).save_pretrained(folder)
+    Wav2Vec2Processor(
+        feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(tiny_base_dir), tokenizer=tokenizer
+    ).save_pretrained(folder)
     reloaded = Wav2Vec2Processor.from_pretrained(folder).tokenizer
     for text in (hindi, english):
         for tok in (tokenizer, reloaded):
@@ -319,10 +441,12 @@ def test_start_end_segments_read_the_right_samples(tmp_path):
 
     wav = write_signal(tmp_path / "audio" / "A01_day.wav", chirp(8.0, 16000, seed=1), 16000)
     flac = write_signal(tmp_path / "audio" / "A02_day.flac", chirp(8.0, 44100, channels=2, seed=2), 44100)
-    (tmp_path / "m.tsv").write_text("path\ttext\tstart\tend\tparticipant\n"
-                                    "audio/A01_day.wav\tone\t1.25\t2.5\tA01\n"
-                                    "audio/A02_day.flac\ttwo\t3.0\t4.5\tA02\n"
-                                    "audio/A02_day.flac\tthree\t\t\tA02\n")
+    (tmp_path / "m.tsv").write_text(
+        "path\ttext\tstart\tend\tparticipant\n"
+        "audio/A01_day.wav\tone\t1.25\t2.5\tA01\n"
+        "audio/A02_day.flac\ttwo\t3.0\t4.5\tA02\n"
+        "audio/A02_day.flac\tthree\t\t\tA02\n"
+    )
     rows, bad = measure_durations(read_utterance_manifest(tmp_path / "m.tsv"))
     assert not bad and [r["duration"] for r in rows] == pytest.approx([1.25, 1.5, 8.0])
     for row in rows:
@@ -386,14 +510,26 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     batch = Collator(use_attention_mask=False, min_samples=400)([dataset[0], dataset[1]])
     assert batch["indices"] == [0] and [Path(p).name for p, _ in batch["failed"]] == ["later.wav"]
     assert batch["input_values"].shape == (1, 16000) and "attention_mask" not in batch
-    assert abs(float(batch["input_values"].mean())) < 1e-4 and float(batch["input_values"].std()) == pytest.approx(1.0, abs=1e-3)
+    assert abs(float(batch["input_values"].mean())) < 1e-4 and float(batch["input_values"].std()) == pytest.approx(
+        1.0, abs=1e-3
+    )
 
 
 # --------------------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("case", ["no_text_column", "empty_transcript", "punctuation_only", "end_before_start",
-                                  "tokenizer_lacks_characters", "ctc_head_vocabulary", "single_participant"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_text_column",
+        "empty_transcript",
+        "punctuation_only",
+        "end_before_start",
+        "tokenizer_lacks_characters",
+        "ctc_head_vocabulary",
+        "single_participant",
+    ],
+)
 def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
@@ -401,10 +537,20 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
 
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 12)
     lines = train.read_text().splitlines()
-    args = flags(config_name=tiny_base_dir, train_manifest=train, eval_manifest=subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 4),
-                 output_dir=tmp_path / "out", max_train_steps=1, num_workers=0, report_to="none")
+    args = flags(
+        config_name=tiny_base_dir,
+        train_manifest=train,
+        eval_manifest=subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 4),
+        output_dir=tmp_path / "out",
+        max_train_steps=1,
+        num_workers=0,
+        report_to="none",
+    )
     if case == "no_text_column":
-        train.write_text("\n".join(["path\ttranscript\tparticipant"] + [line.split("\t")[0] + "\tab\tS01" for line in lines[1:]]) + "\n")
+        train.write_text(
+            "\n".join(["path\ttranscript\tparticipant"] + [line.split("\t")[0] + "\tab\tS01" for line in lines[1:]])
+            + "\n"
+        )
         expected = f"manifest {train} lacks column(s) ['text']"
     elif case in ("empty_transcript", "punctuation_only"):
         cells = lines[3].split("\t")
@@ -428,7 +574,9 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
         args[args.index("--config_name")] = "--model_name_or_path"
         expected = f"vocabulary mismatch: {other} has a CTC head"
     else:
-        train.write_text("\n".join([lines[0]] + [line.replace("S02", "S01").replace("S03", "S01") for line in lines[1:]]) + "\n")
+        train.write_text(
+            "\n".join([lines[0]] + [line.replace("S02", "S01").replace("S03", "S01") for line in lines[1:]]) + "\n"
+        )
         args[args.index("--eval_manifest") : args.index("--eval_manifest") + 2] = []
         expected = "cannot split off a dev set by participant with a single participant"
     with pytest.raises(SystemExit) as error:
@@ -436,7 +584,9 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
     message = str(error.value.code) + capsys.readouterr().err
     assert expected in message
     if case == "tokenizer_lacks_characters":  # every character the tokenizer lacks is named
-        texts = [line.split("\t")[1] for path in (train, tmp_path / "dev.tsv") for line in path.read_text().splitlines()[1:]]
+        texts = [
+            line.split("\t")[1] for path in (train, tmp_path / "dev.tsv") for line in path.read_text().splitlines()[1:]
+        ]
         missing = set("".join(texts)) - set("ade ")
         assert missing and all(f"{char!r} (U+{ord(char):04X}" in message for char in missing)
 
@@ -445,8 +595,10 @@ def test_ctc_recipe_parses():
     from common import parse_args_with_recipe
     from finetune_ctc import CTCTrainingArguments, DataArguments, ModelArguments
 
-    model, data, training = parse_args_with_recipe([ModelArguments, DataArguments, CTCTrainingArguments],
-                                                   [str(REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml"), "--seed", "7"])
+    model, data, training = parse_args_with_recipe(
+        [ModelArguments, DataArguments, CTCTrainingArguments],
+        [str(REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml"), "--seed", "7"],
+    )
     assert training.seed == 7 and model.model_name_or_path == "demo_data/pretrained"
     assert data.train_manifest == "demo_data/labelled/train.tsv" and model.freeze_feature_encoder is False
     defaults = parse_args_with_recipe([ModelArguments, DataArguments, CTCTrainingArguments], [])

@@ -62,7 +62,16 @@ def test_scan_lists_every_bad_file_with_its_reason_and_keeps_the_good_ones(messy
     assert sorted(by_name(train)) == ["P01_day1.wav", "P01_day2.flac", "P02-morning.ogg", "P03.night.wav"]
     reasons = {name: row["reason"] for name, row in invalid.items()}
     assert sorted(reasons) == sorted(
-        ["P04_garbage.wav", "P04_empty.flac", "P05_notes.ogg", "P05_header_only.wav", "P06_cut.flac", "P07_silent.flac", "P08_short.wav", "_unnamed.wav"]
+        [
+            "P04_garbage.wav",
+            "P04_empty.flac",
+            "P05_notes.ogg",
+            "P05_header_only.wav",
+            "P06_cut.flac",
+            "P07_silent.flac",
+            "P08_short.wav",
+            "_unnamed.wav",
+        ]
     )
     # The cut FLAC still opens (its header claims 3 s); a probe read in the missing half fails.
     for name in ["P04_garbage.wav", "P04_empty.flac", "P05_notes.ogg", "P06_cut.flac"]:
@@ -88,7 +97,12 @@ def test_manifest_rows_come_from_the_headers(messy_folder):
     valid, _ = scan_audio_folder(messy_folder)
     rows = by_name(valid)
     assert rows["P01_day2.flac"] | {"path": None} == {
-        "path": None, "participant": "P01", "duration": 1.5, "sample_rate": 44100, "num_channels": 2, "num_frames": 66150
+        "path": None,
+        "participant": "P01",
+        "duration": 1.5,
+        "sample_rate": 44100,
+        "num_channels": 2,
+        "num_frames": 66150,
     }
     assert (rows["P02-morning.ogg"]["participant"], rows["P02-morning.ogg"]["num_frames"]) == ("P02", 120000)
     assert (rows["P03.night.wav"]["participant"], rows["P03.night.wav"]["sample_rate"]) == ("P03", 8000)
@@ -116,7 +130,14 @@ def test_probe_reads_only_a_few_short_blocks(tmp_path):
 
 def manifest_rows(hours_by_participant: dict[str, list[float]]) -> list[dict]:
     return [
-        {"path": f"/x/{pid}_{i}.wav", "participant": pid, "duration": h * 3600, "sample_rate": 16000, "num_channels": 1, "num_frames": int(h * 3600 * 16000)}
+        {
+            "path": f"/x/{pid}_{i}.wav",
+            "participant": pid,
+            "duration": h * 3600,
+            "sample_rate": 16000,
+            "num_channels": 1,
+            "num_frames": int(h * 3600 * 16000),
+        }
         for pid, hours in hours_by_participant.items()
         for i, h in enumerate(hours)
     ]
@@ -174,13 +195,29 @@ def write_named(root, names):
 
 def test_cli_custom_participant_regex_split_and_unmatched_names(tmp_path, repo_dir):
     audio = tmp_path / "audio"
-    names = [f"2023-05-0{d}_family{f}.wav" for f in (3, 7, 12, 21, 30) for d in (1, 2)] + ["2023-05-03_visitor.wav", "family99.wav"]
+    names = [f"2023-05-0{d}_family{f}.wav" for f in (3, 7, 12, 21, 30) for d in (1, 2)] + [
+        "2023-05-03_visitor.wav",
+        "family99.wav",
+    ]
     write_named(audio, names)
     out = tmp_path / "manifests"
     result = subprocess.run(
-        [sys.executable, str(repo_dir / "data" / "prepare_manifest.py"), str(audio), "--output_dir", str(out),
-         "--participant_regex", r"_(family\d+)", "--dev_fraction", "0.3", "--seed", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(repo_dir / "data" / "prepare_manifest.py"),
+            str(audio),
+            "--output_dir",
+            str(out),
+            "--participant_regex",
+            r"_(family\d+)",
+            "--dev_fraction",
+            "0.3",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -199,7 +236,19 @@ def test_cli_custom_participant_regex_split_and_unmatched_names(tmp_path, repo_d
     assert summary["invalid"]["files"] == 2
     # The same seed writes the same manifests.
     again = tmp_path / "again"
-    prepare_manifest.main([str(audio), "--output_dir", str(again), "--participant_regex", r"_(family\d+)", "--dev_fraction", "0.3", "--seed", "3"])
+    prepare_manifest.main(
+        [
+            str(audio),
+            "--output_dir",
+            str(again),
+            "--participant_regex",
+            r"_(family\d+)",
+            "--dev_fraction",
+            "0.3",
+            "--seed",
+            "3",
+        ]
+    )
     for name in ("train.tsv", "dev.tsv", "invalid.tsv"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
 
@@ -230,11 +279,23 @@ def test_cli_rejects_a_missing_folder(tmp_path, capsys):
 
 
 def test_tsv_round_trip_and_relative_paths(tmp_path):
-    rows = [{"path": "audio/P01_a.wav", "participant": "P01", "duration": 1.5, "sample_rate": 44100, "num_channels": 2, "num_frames": 66150, "extra": "dropped"}]
+    rows = [
+        {
+            "path": "audio/P01_a.wav",
+            "participant": "P01",
+            "duration": 1.5,
+            "sample_rate": 44100,
+            "num_channels": 2,
+            "num_frames": 66150,
+            "extra": "dropped",
+        }
+    ]
     write_tsv(tmp_path / "m" / "train.tsv", rows, MANIFEST_COLUMNS)
     assert not list((tmp_path / "m").glob("*.tmp"))
     back = read_manifest(tmp_path / "m" / "train.tsv")
-    assert back == [{**{k: v for k, v in rows[0].items() if k != "extra"}, "path": str(tmp_path / "m" / "audio" / "P01_a.wav")}]
+    assert back == [
+        {**{k: v for k, v in rows[0].items() if k != "extra"}, "path": str(tmp_path / "m" / "audio" / "P01_a.wav")}
+    ]
     (tmp_path / "bad.tsv").write_text("path\tduration\nx.wav\t1.0\n")
     with pytest.raises(ValueError, match="bad.tsv lacks column"):
         read_manifest(tmp_path / "bad.tsv")
@@ -255,7 +316,11 @@ def test_default_regex_takes_the_leading_id():
     import re
 
     pattern = re.compile(DEFAULT_PARTICIPANT_REGEX)
-    assert [pattern.search(n).group(1) for n in ["P017_day2.flac", "cls04-morning.wav", "P3.wav"]] == ["P017", "cls04", "P3"]
+    assert [pattern.search(n).group(1) for n in ["P017_day2.flac", "cls04-morning.wav", "P3.wav"]] == [
+        "P017",
+        "cls04",
+        "P3",
+    ]
     assert pattern.search("_x.wav") is None
 
 

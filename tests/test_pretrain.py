@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_signal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,10 +45,22 @@ def corpus(tmp_path_factory):
 
 def base_args(corpus: Path, output_dir: Path, config_dir: Path, **overrides) -> list[str]:
     options = {
-        "config_name": config_dir, "train_manifest": corpus / "train.tsv", "output_dir": output_dir,
-        "crop_seconds": 1.0, "epoch_multiplier": 8, "per_device_train_batch_size": 4, "num_negatives": 10,
-        "learning_rate": 2e-3, "warmup_steps": 2, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
-        "num_workers": 0, "report_to": "none", "max_train_steps": 3, "gumbel_temperature_decay": 0.99,
+        "config_name": config_dir,
+        "train_manifest": corpus / "train.tsv",
+        "output_dir": output_dir,
+        "crop_seconds": 1.0,
+        "epoch_multiplier": 8,
+        "per_device_train_batch_size": 4,
+        "num_negatives": 10,
+        "learning_rate": 2e-3,
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "num_workers": 0,
+        "report_to": "none",
+        "max_train_steps": 3,
+        "gumbel_temperature_decay": 0.99,
     }
     options.update(overrides)
     args = []
@@ -78,9 +89,22 @@ def log_rows(output_dir: Path) -> list[dict]:
 def trained(corpus, tmp_path_factory, tiny_base_dir):
     """One real run shared by the learning, output and model-card tests."""
     output_dir = tmp_path_factory.mktemp("trained") / "run"
-    args = base_args(corpus, output_dir, tiny_base_dir, dev_manifest=corpus / "dev.tsv", crop_seconds=2.0, epoch_multiplier=20,
-                     per_device_train_batch_size=8, num_negatives=20, max_train_steps=150, warmup_steps=30,
-                     logging_steps=10, eval_steps=50, gumbel_temperature_decay=0.995, dev_crops_per_file=16)
+    args = base_args(
+        corpus,
+        output_dir,
+        tiny_base_dir,
+        dev_manifest=corpus / "dev.tsv",
+        crop_seconds=2.0,
+        epoch_multiplier=20,
+        per_device_train_batch_size=8,
+        num_negatives=20,
+        max_train_steps=150,
+        warmup_steps=30,
+        logging_steps=10,
+        eval_steps=50,
+        gumbel_temperature_decay=0.995,
+        dev_crops_per_file=16,
+    )
     run([REPO / "pretrain.py", *args])
     return output_dir
 
@@ -171,8 +195,13 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
     """4 crops x 1 micro-step, 2 x 2 micro-steps, and 2 processes x 2 crops: same losses, grad
     norms and weights. Dropout, LayerDrop and Gumbel noise are off, and the diversity term (whose
     perplexity is a statistic of the micro-batch, as in fairseq) is left out of the loss."""
-    common = dict(config_overrides="hidden_dropout=0,attention_dropout=0,activation_dropout=0,feat_proj_dropout=0,layerdrop=0",
-                  diversity_loss_weight=0.0, max_grad_norm=1e9, max_train_steps=3, feature_grad_mult=1.0)
+    common = dict(
+        config_overrides="hidden_dropout=0,attention_dropout=0,activation_dropout=0,feat_proj_dropout=0,layerdrop=0",
+        diversity_loss_weight=0.0,
+        max_grad_norm=1e9,
+        max_train_steps=3,
+        feature_grad_mult=1.0,
+    )
     env = {"NOISELESS_GUMBEL": "1"}
     runs = {
         "4x1": dict(per_device_train_batch_size=4, gradient_accumulation_steps=1),
@@ -183,8 +212,11 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
         run([PROBE, *base_args(corpus, out, tiny_base_dir, **common, **split)], {**env, "PROBE_DIR": str(out)})
     out = tmp_path / "2proc"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    run([PROBE, *base_args(corpus, out, tiny_base_dir, **common, per_device_train_batch_size=2)],
-        {**env, "PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
+    run(
+        [PROBE, *base_args(corpus, out, tiny_base_dir, **common, per_device_train_batch_size=2)],
+        {**env, "PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
 
     reference = log_rows(tmp_path / "4x1")
     reference_weights = torch.load(tmp_path / "4x1" / "weights_rank0.pt")
@@ -222,8 +254,21 @@ def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
     """LayerDrop leaves skipped layers without gradients; plain DDP would stop with an error."""
     out = tmp_path / "layerdrop"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    result = run([PROBE, *base_args(corpus, out, tiny_base_dir, config_overrides="layerdrop=0.7", max_train_steps=4, per_device_train_batch_size=2)],
-                 {"PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
+    result = run(
+        [
+            PROBE,
+            *base_args(
+                corpus,
+                out,
+                tiny_base_dir,
+                config_overrides="layerdrop=0.7",
+                max_train_steps=4,
+                per_device_train_batch_size=2,
+            ),
+        ],
+        {"PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
     assert "outlives the process group" not in result.stderr  # the DDP wrapper is freed first, or the exit can hang
     assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4]
     rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
@@ -237,8 +282,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, 
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, REPO / "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, REPO / "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         checkpoints = list((killed / "checkpoints").glob("checkpoint-*")) if (killed / "checkpoints").exists() else []
@@ -249,7 +299,14 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, 
     process.wait()
     latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert 6 <= latest < 12, "the run must be killed mid-way for this test to mean anything"
-    run([REPO / "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options), "--resume_from_checkpoint", "latest"])
+    run(
+        [
+            REPO / "pretrain.py",
+            *base_args(corpus, killed, tiny_base_dir, **options),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
 
     expected, resumed = log_rows(straight), log_rows(killed)
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]
@@ -263,8 +320,18 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_base_dir):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, REPO / "pretrain.py", *base_args(corpus, out, tiny_base_dir, max_train_steps=100000, save_steps=0)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            REPO / "pretrain.py",
+            *base_args(corpus, out, tiny_base_dir, max_train_steps=100000, save_steps=0),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "train_log.jsonl").exists() and len(log_rows(out)) >= 3):
         time.sleep(0.05)
@@ -324,7 +391,10 @@ def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, mon
 
     ctc_start = tmp_path / "ctc"
     Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(tiny_base_dir, vocab_size=12)).save_pretrained(ctc_start)
-    args[args.index("--model_name_or_path") + 1], args[args.index("--output_dir") + 1] = str(ctc_start), str(tmp_path / "from-ctc")
+    args[args.index("--model_name_or_path") + 1], args[args.index("--output_dir") + 1] = (
+        str(ctc_start),
+        str(tmp_path / "from-ctc"),
+    )
     pretrain.main(args)
     assert "has no pretraining heads" in caplog.text and "quantizer" in caplog.text
 
@@ -351,8 +421,22 @@ def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny
     out = tmp_path / "reshaped"
     pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=2, save_steps=2))
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
-    assert state["run_shape"] == {"num_processes": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "seed": 0}
-    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=3, per_device_train_batch_size=2, resume_from_checkpoint="latest"))
+    assert state["run_shape"] == {
+        "num_processes": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "seed": 0,
+    }
+    pretrain.main(
+        base_args(
+            corpus,
+            out,
+            tiny_base_dir,
+            max_train_steps=3,
+            per_device_train_batch_size=2,
+            resume_from_checkpoint="latest",
+        )
+    )
     assert "per_device_train_batch_size 4 -> 2" in caplog.text and "not exactly where it stopped" in caplog.text
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
 
@@ -375,18 +459,35 @@ def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, t
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", failing_upload)
     out = tmp_path / "hub-run"
-    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=2) + ["--push_to_hub", "--hub_model_id", "lab/home-w2v2"])
+    pretrain.main(
+        base_args(corpus, out, tiny_base_dir, max_train_steps=2) + ["--push_to_hub", "--hub_model_id", "lab/home-w2v2"]
+    )
     assert seen["repo_id"] == "lab/home-w2v2"
-    assert {"README.md", "model.safetensors", "config.json", "preprocessor_config.json", "loss_curve.png"} <= set(seen["files"])
-    assert {"checkpoints/*", "manifests/*", "training_args.json"} <= set(seen["ignored"])  # participant ids and local paths stay home
+    assert {"README.md", "model.safetensors", "config.json", "preprocessor_config.json", "loss_curve.png"} <= set(
+        seen["files"]
+    )
+    assert {"checkpoints/*", "manifests/*", "training_args.json"} <= set(
+        seen["ignored"]
+    )  # participant ids and local paths stay home
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["missing_manifest", "empty_split", "crop_too_long", "bad_flag", "bad_recipe_key",
-                                  "zero_logging_steps", "bad_model_path", "audio_dir_and_manifest"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_manifest",
+        "empty_split",
+        "crop_too_long",
+        "bad_flag",
+        "bad_recipe_key",
+        "zero_logging_steps",
+        "bad_model_path",
+        "audio_dir_and_manifest",
+    ],
+)
 def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     import pretrain
 
@@ -425,22 +526,35 @@ def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     assert expected in message
 
 
-@pytest.mark.parametrize("recipe", ["hindibabynet-wav2vec2-base.yaml", "wav2vec2-base-continued.yaml", "demo-tiny.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["hindibabynet-wav2vec2-base.yaml", "wav2vec2-base-continued.yaml", "demo-tiny.yaml"]
+)
 def test_pretraining_recipes_parse(recipe):
     from common import TrainingArguments, parse_args_with_recipe
     from pretrain import DataArguments, ModelArguments, ObjectiveArguments
 
     model, data, objective, training = parse_args_with_recipe(
-        [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments], [str(REPO / "configs" / "recipes" / recipe), "--seed", "7"])
+        [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments],
+        [str(REPO / "configs" / "recipes" / recipe), "--seed", "7"],
+    )
     assert training.seed == 7  # flags override the recipe
     if recipe.startswith("hindibabynet"):  # seed 000's table, value for value
         assert model.model_name_or_path == "facebook/wav2vec2-base"
         assert (data.crop_seconds, data.min_rms, data.max_crop_retries, data.epoch_multiplier) == (8.0, 0.001, 10, 10)
-        assert (training.learning_rate, training.lr_scheduler_type, training.warmup_steps, training.max_train_steps) == (5e-5, "linear", 5000, 50000)
+        assert (
+            training.learning_rate,
+            training.lr_scheduler_type,
+            training.warmup_steps,
+            training.max_train_steps,
+        ) == (5e-5, "linear", 5000, 50000)
         assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 8)
         assert training.gradient_checkpointing and training.max_grad_norm == 1.0 and training.weight_decay == 0.01
         assert (objective.mask_time_prob, objective.mask_time_length, objective.num_negatives) == (0.05, 10, 100)
-        assert (objective.contrastive_temperature, objective.diversity_loss_weight, objective.feature_penalty_weight) == (0.1, 0.1, 0.0)
+        assert (
+            objective.contrastive_temperature,
+            objective.diversity_loss_weight,
+            objective.feature_penalty_weight,
+        ) == (0.1, 0.1, 0.0)
 
 
 def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
@@ -453,8 +567,14 @@ def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
     assert hub_base_model(str(tmp_path / "runs" / "home")) == hub_base_model("random init from configs/x") == ""
 
 
-@pytest.mark.parametrize("script, flag", [("pretrain.py", "--feature_penalty_weight"), ("finetune_ctc.py", "--initial_blank_probability"),
-                                          ("extract_features.py", "--context_seconds")])
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("pretrain.py", "--feature_penalty_weight"),
+        ("finetune_ctc.py", "--initial_blank_probability"),
+        ("extract_features.py", "--context_seconds"),
+    ],
+)
 def test_help_lists_the_flags(script, flag):
     """The README sends users to --help; a stray '%' in a help text makes argparse crash there."""
     result = run([REPO / script, "--help"])
