@@ -95,19 +95,18 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Wav2Vec2Model
 
-from common import (
+from utils.audio import (
     TARGET_SAMPLE_RATE,
     conv_frames,
     conv_geometry,
     find_audio_files,
-    load_feature_extractor,
     normalize_waveform,
     read_mono,
-    read_tsv,
     source_window,
     target_length,
-    write_tsv,
 )
+from utils.manifests import read_tsv, write_tsv
+from utils.training import load_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +364,7 @@ def plan_windows(
 
 
 def read_window(audio: sf.SoundFile, start: int, length: int) -> np.ndarray:
-    """16 kHz mono samples [start, start + length), as common.read_resampled, except that a file
+    """16 kHz mono samples [start, start + length), as utils.audio.read_resampled, except that a file
     holding fewer frames than its header says is an error rather than silently zero-padded."""
     window = source_window(audio.samplerate, audio.frames, start, length)
     wanted = window.src_stop - window.src_start

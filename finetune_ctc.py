@@ -55,38 +55,31 @@ from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
-from common import (
-    DEFAULT_PARTICIPANT_REGEX,
+from utils.audio import (
     TARGET_SAMPLE_RATE,
+    conv_frames,
+    conv_geometry,
+    load_audio,
+    normalize_waveform,
+    read_resampled,
+    target_length,
+)
+from utils.cards import format_number, hardware_description, hub_base_model, push_folder_to_hub, software_versions
+from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.manifests import DEFAULT_PARTICIPANT_REGEX, read_tsv, split_by_participant, write_tsv
+from utils.training import (
     StopSignal,
     TrainingArguments,
     append_jsonl,
-    conv_frames,
-    conv_geometry,
     end_processes,
-    format_number,
     gather_unreadable,
-    hardware_description,
-    hub_base_model,
-    load_audio,
-    load_checkpoint,
     load_feature_extractor,
     make_accelerator,
     make_loader,
-    normalize_waveform,
     optimizer_param_groups,
     parse_args_with_recipe,
-    push_folder_to_hub,
     read_jsonl,
-    read_resampled,
-    read_tsv,
-    resolve_checkpoint,
-    save_checkpoint,
-    software_versions,
-    split_by_participant,
     start_train_log,
-    target_length,
-    write_tsv,
 )
 
 logger = logging.getLogger("finetune_ctc")

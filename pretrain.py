@@ -3,7 +3,7 @@
     accelerate launch pretrain.py configs/recipes/wav2vec2-base-continued.yaml \\
         --train_manifest manifests/train.tsv --dev_manifest manifests/dev.tsv --output_dir runs/home
 
-Random 8 s crops are read from the long files by seeking (common.CropStream), silent crops are
+Random 8 s crops are read from the long files by seeking (utils.crops.CropStream), silent crops are
 redrawn, masks and negatives are drawn in the DataLoader workers, and the contrastive + diversity
 loss is normalised by the number of masked frames of the whole effective batch (all accumulation
 micro-steps on all processes), so the update does not depend on how the batch is split.
@@ -27,38 +27,31 @@ from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-from common import (
+from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
+from utils.cards import format_number, hardware_description, hub_base_model, push_folder_to_hub, software_versions
+from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.crops import CropStream, stream_totals
+from utils.manifests import (
     DEFAULT_PARTICIPANT_REGEX,
-    TARGET_SAMPLE_RATE,
-    CropStream,
+    parse_weighted_manifests,
+    read_manifest,
+    scan_audio_folder,
+    split_by_participant,
+    write_manifests,
+)
+from utils.training import (
     StopSignal,
     TrainingArguments,
     append_jsonl,
-    conv_frames,
-    conv_geometry,
     end_processes,
-    format_number,
     gather_unreadable,
-    hardware_description,
-    hub_base_model,
-    load_checkpoint,
     load_feature_extractor,
     make_accelerator,
     make_loader,
     optimizer_param_groups,
     parse_args_with_recipe,
-    parse_weighted_manifests,
-    push_folder_to_hub,
     read_jsonl,
-    read_manifest,
-    resolve_checkpoint,
-    save_checkpoint,
-    scan_audio_folder,
-    software_versions,
-    split_by_participant,
     start_train_log,
-    stream_totals,
-    write_manifests,
 )
 
 logger = logging.getLogger("pretrain")

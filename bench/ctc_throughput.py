@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import TARGET_SAMPLE_RATE  # noqa: E402
 from finetune_ctc import (
     Collator,
     ctc_loss_sum,
@@ -40,6 +39,7 @@ from finetune_ctc import (
     read_utterance_manifest,
     samples_for_frames,
 )  # noqa: E402
+from utils.audio import TARGET_SAMPLE_RATE  # noqa: E402
 
 
 def durations_from(args) -> np.ndarray:

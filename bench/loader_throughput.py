@@ -33,8 +33,11 @@ import soxr
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-from common import TARGET_SAMPLE_RATE, CropStream, parse_weighted_manifests, read_manifest, stream_totals  # noqa: E402
+import utils.audio  # noqa: E402
+import utils.crops  # noqa: E402
+from utils.audio import TARGET_SAMPLE_RATE  # noqa: E402
+from utils.crops import CropStream, stream_totals  # noqa: E402
+from utils.manifests import parse_weighted_manifests, read_manifest  # noqa: E402
 
 # Issue 2's targets, per worker process on one core, for 8 s crops.
 TARGETS = {("wav", 16000, 1): 1000.0, ("flac", 44100, 2): 100.0}
@@ -73,8 +76,8 @@ class Timers:
         setattr(owner, name, timed)
 
     def __enter__(self):
-        self._wrap(common, "read_mono", "read")
-        self._wrap(common.SourceWindow, "resample", "resample")
+        self._wrap(utils.crops, "read_mono", "read")
+        self._wrap(utils.audio.SourceWindow, "resample", "resample")
         self._wrap(sf.SoundFile, "seek", "seek")
         return self
 

@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import prepare_manifests  # noqa: E402
+from utils.manifests import prepare_manifests  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs" / "tiny-wav2vec2-base", "robust": REPO / "configs" / "tiny-wav2vec2-robust"}
 BASE_TRAIN_FLOPS_PER_AUDIO_SECOND = 44e9  # wav2vec2-base, 8 s crops, no activation checkpointing
@@ -70,8 +70,8 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
     """Audio seconds per second of forward + backward + optimizer step on ready tensors."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
-    from common import conv_frames, conv_geometry
     from pretrain import MaskAndNegatives
+    from utils.audio import conv_frames, conv_geometry
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Wav2Vec2Config.from_pretrained(config_dir)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import DEFAULT_PARTICIPANT_REGEX, prepare_manifests  # noqa: E402
+from utils.manifests import DEFAULT_PARTICIPANT_REGEX, prepare_manifests  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -1,13 +1,19 @@
-"""Small audio writers for tests: known signals in any format, rate and channel count."""
+"""What several test modules need: audio writers for known signals in any format, rate and channel
+count; a script runner, a flag builder and a train-log reader."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from common import TARGET_SAMPLE_RATE
+from utils.audio import TARGET_SAMPLE_RATE
 
+REPO = Path(__file__).resolve().parent.parent
 SUBTYPES = {"wav": "PCM_16", "flac": "PCM_16", "ogg": "VORBIS"}
 
 
@@ -48,3 +54,37 @@ def decode_whole(path) -> np.ndarray:
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     mono = data.mean(axis=1, dtype=np.float32)
     return mono if sr == TARGET_SAMPLE_RATE else soxr.resample(mono, sr, TARGET_SAMPLE_RATE)
+
+
+def flags(**options) -> list[str]:
+    """--key value for each option; True gives a bare --key (a store_true flag)."""
+    args = []
+    for key, value in options.items():
+        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return args
+
+
+def run_script(script, *args, env_extra=None, launcher=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """Run a repo script (a path relative to the repo, or absolute) offline, as a user would; by
+    default a non-zero exit fails the test with the end of the script's output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    command = [*(launcher or [sys.executable]), str(REPO / script), *map(str, args)]
+    result = subprocess.run(
+        command, cwd=REPO, env={**env, **(env_extra or {})}, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def log_rows(output_dir) -> list[dict]:
+    """Every row of a run's train_log.jsonl."""
+    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def losses(output_dir) -> dict[int, float]:
+    """{step: training loss} from a run's log."""
+    return {row["step"]: row["loss"] for row in log_rows(output_dir) if "loss" in row}

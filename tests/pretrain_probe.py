@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
 import pretrain  # noqa: E402
+from utils.crops import CropStream  # noqa: E402
 
 probe_dir = Path(os.environ["PROBE_DIR"])
 rank = int(os.environ.get("RANK", 0))
@@ -32,7 +32,7 @@ if os.environ.get("NOISELESS_GUMBEL") == "1":
 
     torch.nn.functional.gumbel_softmax = noiseless_gumbel_softmax
 
-original_iter = common.CropStream.__iter__
+original_iter = CropStream.__iter__
 
 
 def recording_iter(self):
@@ -43,7 +43,7 @@ def recording_iter(self):
         yield batch
 
 
-common.CropStream.__iter__ = recording_iter
+CropStream.__iter__ = recording_iter
 original_prepare = Accelerator.prepare
 original_end = Accelerator.end_training
 

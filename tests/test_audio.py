@@ -1,11 +1,11 @@
-"""Section 1 of common.py: seeking reads return exactly what decoding and resampling the whole file gives."""
+"""utils/audio.py: seeking reads return exactly what decoding and resampling the whole file gives."""
 
 import numpy as np
 import pytest
 import soundfile as sf
 from helpers import TOLERANCE, chirp, decode_whole, write_signal
 
-from common import TARGET_SAMPLE_RATE, load_audio, read_mono, read_resampled, target_length
+from utils.audio import TARGET_SAMPLE_RATE, load_audio, read_mono, read_resampled, target_length
 
 EXTENSIONS = ["wav", "flac", "ogg"]
 RATES = [8000, 16000, 22050, 44100, 48000]
@@ -69,7 +69,7 @@ def test_read_past_the_end_is_zero_padded_to_the_exact_length(files, ext):
 @pytest.mark.parametrize("ext", EXTENSIONS)
 def test_source_rate_reads_are_sample_exact_in_any_seek_order(files, ext):
     """No tolerance at the source rate: the same decoder gives the same samples. For Vorbis this
-    holds only with common.py's workaround for libsndfile's inexact seeks (forward seeks on a used
+    holds only with utils/audio.py's workaround for libsndfile's inexact seeks (forward seeks on a used
     handle and seeks into the last Ogg page land hundreds of frames off)."""
     for sr, channels in [(48000, 1), (22050, 2), (8000, 1)]:
         path, _ = files[ext, sr, channels]

@@ -1,4 +1,4 @@
-"""Section 3 of common.py: the CropStream of silence-filtered random crops."""
+"""utils/crops.py: the CropStream of silence-filtered random crops."""
 
 import itertools
 import os
@@ -12,8 +12,10 @@ import soundfile as sf
 import torch
 from helpers import TOLERANCE, chirp, decode_whole, write_signal
 
-import common
-from common import TARGET_SAMPLE_RATE, CropStream, normalize_waveform, probe_audio_file, stream_totals
+import utils.crops
+from utils.audio import TARGET_SAMPLE_RATE, normalize_waveform
+from utils.crops import CropStream, stream_totals
+from utils.manifests import probe_audio_file
 
 CROP = 0.5  # seconds; short crops keep the tests fast, the code path is the same as for 8 s
 CROP_LEN = int(CROP * TARGET_SAMPLE_RATE)
@@ -127,8 +129,8 @@ def test_silence_rejection_keeps_only_crops_from_the_loud_region(tmp_path, monke
     # with wildly varying frame sizes), and this test makes hundreds of tries.
     path = write_signal(tmp_path / "P01_quiet.wav", signal, sr)
     reads = []
-    real_read_mono = common.read_mono
-    monkeypatch.setattr(common, "read_mono", lambda *a: reads.append(1) or real_read_mono(*a))
+    real_read_mono = utils.crops.read_mono
+    monkeypatch.setattr(utils.crops, "read_mono", lambda *a: reads.append(1) or real_read_mono(*a))
     # A try overlaps the loud 2 s with probability ~8 %: 200 redraws make an all-silent crop a
     # 1e-7 event, and the stream is seeded, so this is a fixed outcome, not a flaky one.
     stream = CropStream(
@@ -152,14 +154,14 @@ def test_all_silent_file_uses_the_loudest_try_and_counts_it(tmp_path, monkeypatc
     signal[10 * sr :] = 2e-4 * np.random.default_rng(0).standard_normal(10 * sr)
     path = write_signal(tmp_path / "P01_hush.wav", signal, sr, subtype="FLOAT")
     tries = []
-    real_read_mono = common.read_mono
+    real_read_mono = utils.crops.read_mono
 
     def recording_read(*args):
         source = real_read_mono(*args)
         tries.append(float(np.sqrt(np.mean(np.square(source, dtype=np.float64)))))
         return source
 
-    monkeypatch.setattr(common, "read_mono", recording_read)
+    monkeypatch.setattr(utils.crops, "read_mono", recording_read)
     retries = 6
     stream = CropStream(
         [([row(path)], 1.0)],

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 import extract_features as ef
-from common import load_audio, read_tsv
+from utils.audio import load_audio
+from utils.manifests import read_tsv
 
 SR = 16_000
 REPO = Path(__file__).resolve().parent.parent

@@ -148,8 +148,9 @@ def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
     from jiwer import cer
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    from common import load_audio, read_tsv
     from finetune_ctc import normalize_text, transcribe
+    from utils.audio import load_audio
+    from utils.manifests import read_tsv
 
     dev = [r for r in read_tsv(labelled / "dev.tsv", ["path", "text"]) if not r["start"]][:12]
     # A long recording made of dev utterances, decoded 2 s at a time: words at chunk edges survive.
@@ -342,7 +343,8 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
     from datasets import Audio, Dataset
 
     import finetune_ctc
-    from common import load_audio, read_tsv
+    from utils.audio import load_audio
+    from utils.manifests import read_tsv
 
     rows = [r for r in read_tsv(labelled / "train.tsv", ["path", "text"]) if not r["start"]]
     stereo = [r for r in rows if r["path"].endswith(".flac")]
@@ -592,8 +594,8 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
 
 
 def test_ctc_recipe_parses():
-    from common import parse_args_with_recipe
     from finetune_ctc import CTCTrainingArguments, DataArguments, ModelArguments
+    from utils.training import parse_args_with_recipe
 
     model, data, training = parse_args_with_recipe(
         [ModelArguments, DataArguments, CTCTrainingArguments],

@@ -1,4 +1,4 @@
-"""Section 2 of common.py and data/prepare_manifest.py: scan, validation, participant split, CLI."""
+"""utils/manifests.py and data/prepare_manifest.py: scan, validation, participant split, CLI."""
 
 import json
 import os
@@ -10,7 +10,9 @@ import pytest
 import soundfile as sf
 from helpers import chirp, write_signal
 
-from common import (
+from data import prepare_manifest
+from data.make_demo_corpus import make_corpus
+from utils.manifests import (
     DEFAULT_PARTICIPANT_REGEX,
     MANIFEST_COLUMNS,
     parse_weighted_manifests,
@@ -22,8 +24,6 @@ from common import (
     split_by_participant,
     write_tsv,
 )
-from data import prepare_manifest
-from data.make_demo_corpus import make_corpus
 
 
 def by_name(rows):

@@ -32,7 +32,7 @@ def learnable_corpus(root: Path, files: int = 6, seconds: int = 40, seed: int = 
             notes.append(0.3 * np.sin(2 * np.pi * rng.choice([200, 300, 450, 700, 1000, 1500]) * t) * np.hanning(n))
         audio = np.concatenate(notes)[: seconds * sr] + 0.01 * rng.standard_normal(seconds * sr)
         write_signal(root / "audio" / f"S{index}_rec.wav", audio.astype(np.float32), sr)
-    from common import prepare_manifests
+    from utils.manifests import prepare_manifests
 
     prepare_manifests(root / "audio", root / "manifests", dev_fraction=0.2, seed=0)
     return root / "manifests"
@@ -530,8 +530,8 @@ def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     "recipe", ["hindibabynet-wav2vec2-base.yaml", "wav2vec2-base-continued.yaml", "demo-tiny.yaml"]
 )
 def test_pretraining_recipes_parse(recipe):
-    from common import TrainingArguments, parse_args_with_recipe
     from pretrain import DataArguments, ModelArguments, ObjectiveArguments
+    from utils.training import TrainingArguments, parse_args_with_recipe
 
     model, data, objective, training = parse_args_with_recipe(
         [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments],
@@ -558,7 +558,7 @@ def test_pretraining_recipes_parse(recipe):
 
 
 def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
-    from common import hub_base_model
+    from utils.cards import hub_base_model
 
     assert hub_base_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
     (tmp_path / "runs" / "home").mkdir(parents=True)
