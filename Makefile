@@ -1,4 +1,5 @@
-# `make demo` sets up .venv and runs the whole pipeline on a synthetic corpus; `make test` runs the tests.
+# `make demo` sets up .venv and runs the whole pipeline on a synthetic corpus; `make test` runs the lint
+# checks and every test (CI runs exactly that); `make test-fast` leaves out the tests marked slow.
 PYTHON ?= python3
 VENV ?= .venv
 # Override for another build, e.g. `make setup TORCH=torch==2.14.1` (CUDA wheels from PyPI on Linux).
@@ -6,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO := demo_data
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo lint test test-fast clean-demo
 
 setup: $(VENV)/.installed
 
@@ -23,12 +24,20 @@ demo: setup
 	$(PY) bench/loader_throughput.py --manifest $(DEMO)/manifests/train.tsv --num_crops 200
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml pretrain.py configs/recipes/demo-tiny.yaml
 	$(PY) finetune_ctc.py configs/recipes/demo-ctc-tiny.yaml
-	$(PY) finetune_ctc.py transcribe --model_name_or_path $(DEMO)/ctc $(DEMO)/labelled/audio/S06_utt001.flac $(DEMO)/labelled/audio/S06_session.flac
+	$(PY) transcribe.py --model_name_or_path $(DEMO)/ctc $(DEMO)/labelled/audio/S06_utt001.flac $(DEMO)/labelled/audio/S06_session.flac
 	$(PY) extract_features.py --model_name_or_path $(DEMO)/pretrained --layers all --pooling meanstd --output_dir $(DEMO)/features $(DEMO)/manifests/dev.tsv
 	@echo "demo outputs in $(DEMO)/: pretrained/ (model, README.md model card, loss_curve.png), ctc/ (eval_results.json), features/ (index.tsv)"
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# pytest exits 5 when it collects no tests: reported, not failed.
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -3,13 +3,13 @@
     python bench/ctc_throughput.py [--config_name configs/tiny-wav2vec2-base | base] [--manifest train.tsv]
         [--batch_size 8] [--steps 20] [--max_duration_seconds 20] [--device cpu] [--bf16]
 
-Batches are planned by finetune_ctc.plan_batches exactly as in training, once grouped by length
-and once as plain shuffled batches of the same size, padded by finetune_ctc.Collator and run through
-the training step of finetune_ctc (forward, CTC loss on the real frames, backward, AdamW step) of a
-randomly initialised Wav2Vec2ForCTC, CNN feature encoder frozen as by default. `--config_name base`
-is the wav2vec2-base architecture (95 M parameters).
+Batches are planned by utils.batches.plan_batches exactly as in training, once grouped by length
+and once as plain shuffled batches of the same size, padded by utils.utterances.Collator and run
+through the training step of finetune_ctc.py (forward, utils.ctc.ctc_loss_sum on the real frames,
+backward, AdamW step) of a randomly initialised Wav2Vec2ForCTC, CNN feature encoder frozen as by
+default. `--config_name base` is the wav2vec2-base architecture (95 M parameters).
 
-Utterance durations come from `--manifest` (a finetune_ctc manifest: path, text, optional
+Utterance durations come from `--manifest` (a finetune_ctc.py manifest: path, text, optional
 start/end; only the durations are used) or, without one, from a seeded log-normal spread like
 conversational speech (median 4 s, 0.5-20 s). The audio is noise of those lengths and the
 transcripts random characters at 15 per second, so the figures measure the model and the padding,
@@ -31,15 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from finetune_ctc import (
-    Collator,
-    ctc_loss_sum,
-    measure_durations,
-    plan_batches,
-    read_utterance_manifest,
-    samples_for_frames,
-)  # noqa: E402
 from utils.audio import TARGET_SAMPLE_RATE  # noqa: E402
+from utils.batches import plan_batches  # noqa: E402
+from utils.ctc import ctc_loss_sum, samples_for_frames  # noqa: E402
+from utils.utterances import Collator, measure_durations, read_utterance_manifest  # noqa: E402
 
 
 def durations_from(args) -> np.ndarray:

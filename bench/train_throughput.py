@@ -70,8 +70,8 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
     """Audio seconds per second of forward + backward + optimizer step on ready tensors."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
-    from pretrain import MaskAndNegatives
     from utils.audio import conv_frames, conv_geometry
+    from utils.objective import MaskAndNegatives
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Wav2Vec2Config.from_pretrained(config_dir)

@@ -10,22 +10,22 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import write_signal
+from helpers import flags, run_script, write_signal
 from safetensors import safe_open
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 import extract_features as ef
-from utils.audio import load_audio
+from utils.audio import conv_frames, conv_geometry, load_audio
 from utils.manifests import read_tsv
+from utils.segments import make_jobs
+from utils.windows import plan_windows
 
 SR = 16_000
-REPO = Path(__file__).resolve().parent.parent
 
 
 def save_model(config_dir, folder, do_normalize=True, **config_overrides):
@@ -60,19 +60,10 @@ def whole_file_pass(model_dir, audio, normalize, output_hidden_states=False):
         return model, model(inputs, output_hidden_states=output_hidden_states)
 
 
-def extract(model_dir, output_dir, *inputs, **flags):
-    argv = [
-        "--model_name_or_path",
-        str(model_dir),
-        "--output_dir",
-        str(output_dir),
-        "--num_workers",
-        "0",
-        *map(str, inputs),
-    ]
-    for key, value in flags.items():
-        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    return ef.main(argv)
+def extract(model_dir, output_dir, *inputs, **options):
+    """extract_features.main in this process, reading audio without worker processes by default."""
+    argv = flags(model_name_or_path=model_dir, output_dir=output_dir, num_workers=0)
+    return ef.main([*argv, *map(str, inputs), *flags(**options)])
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +98,21 @@ def models(tmp_path_factory, tiny_base_dir, tiny_robust_dir):
 def test_windows_compute_every_frame_once_on_the_whole_region_grid(
     region_start, region_length, file_length, chunk_frames, context_frames, tiny_base_dir
 ):
-    num_frames, windows = ef.plan_windows(region_start, region_length, file_length, chunk_frames, context_frames)
+    num_frames, windows = plan_windows(region_start, region_length, file_length, chunk_frames, context_frames)
     model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(tiny_base_dir))
     assert num_frames == int(model._get_feat_extract_output_lengths(torch.tensor(region_length)))
-    assert ef.conv_geometry(model.config) == (400, 320)
+    assert conv_geometry(model.config) == (400, 320)
     produced = np.zeros(num_frames, dtype=int)
     for window in windows:
         assert 0 <= window.start and window.start + window.length <= file_length
-        window_frames = ef.conv_frames(window.length)
+        window_frames = conv_frames(window.length)
         assert window.keep >= 0 and window.keep + window.count <= window_frames
         # Window frame `keep` starts at the same sample as output frame `dest`.
         assert window.start + 320 * window.keep == region_start + 320 * window.dest
         produced[window.dest : window.dest + window.count] += 1
         # Each chunk gets the full context on both sides wherever the file has that much audio.
         frames_before = window.dest + region_start // 320
-        frames_after = ef.conv_frames(file_length - region_start) - (window.dest + window.count)
+        frames_after = conv_frames(file_length - region_start) - (window.dest + window.count)
         assert window.keep >= min(context_frames, frames_before)
         assert window_frames - window.keep - window.count >= min(context_frames, frames_after)
     assert (produced == 1).all()
@@ -135,6 +126,7 @@ def test_windows_compute_every_frame_once_on_the_whole_region_grid(
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, tolerance", [("robust_raw", 0.01), ("base_raw", 0.06)])
 def test_chunked_features_match_a_whole_file_pass(models, tmp_path, name, tolerance):
     """40 s at 22.05 kHz in 8 s chunks with 2 s context vs. one pass over the whole file.
@@ -143,7 +135,7 @@ def test_chunked_features_match_a_whole_file_pass(models, tmp_path, name, tolera
     one, on features of standard deviation ~1; without context the edges of every chunk are off by
     up to 0.8-0.9. A group-norm model normalises its first conv layer over the window, so on sound
     whose character changes over the file (unlike this signal) the difference grows: see the
-    script's docstring.
+    README's feature-extraction section.
     """
     path = write_signal(tmp_path / "steady.wav", steady(40, 22050), 22050, "FLOAT")
     model, whole = whole_file_pass(models[name], load_audio(path), normalize=False)
@@ -377,29 +369,21 @@ def test_processes_split_the_files_and_the_main_process_merges_the_index(models,
         )
 
 
+@pytest.mark.slow
 def test_two_real_processes_under_torchrun(models, tmp_path):
     """The same split as above with real processes (gloo on CPU): barriers, the index merge."""
     for i, seconds in enumerate([3, 1, 2]):
         write_signal(tmp_path / "audio" / f"r{i}.wav", steady(seconds, seed=40 + i), SR)
     extract(models["base"], tmp_path / "single", tmp_path / "audio")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(REPO / "extract_features.py"),
-        "--model_name_or_path",
-        models["base"],
-        "--output_dir",
-        str(tmp_path / "split"),
-        "--num_workers",
-        "0",
-        str(tmp_path / "audio"),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = run_script(
+        "extract_features.py",
+        *flags(model_name_or_path=models["base"], output_dir=tmp_path / "split", num_workers=0),
+        tmp_path / "audio",
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_tsv(tmp_path / "split" / "index.tsv", []) == read_tsv(tmp_path / "single" / "index.tsv", [])
     for i in range(3):
@@ -409,7 +393,7 @@ def test_two_real_processes_under_torchrun(models, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "extra, message",
     [
         (["missing.wav"], "INPUT missing.wav does not exist"),
         (["{audio}", "--layers", "6;12"], "--layers"),
@@ -420,12 +404,12 @@ def test_two_real_processes_under_torchrun(models, tmp_path):
         ([], "give at least one INPUT"),
     ],
 )
-def test_bad_input_names_the_flag_or_file(models, tmp_path, capsys, flags, message):
+def test_bad_input_names_the_flag_or_file(models, tmp_path, capsys, extra, message):
     audio = write_signal(tmp_path / "a.wav", steady(1), SR)
     bad_rttm = tmp_path / "bad.rttm"
     bad_rttm.write_text("SPEAKER a 1 0.0 1.0 <NA> <NA> CHI <NA> <NA>\nSPEAKER a 1 zero\n")
     argv = ["--model_name_or_path", models["base"], "--output_dir", str(tmp_path / "out")] + [
-        f.format(audio=audio, bad_rttm=bad_rttm) for f in flags
+        f.format(audio=audio, bad_rttm=bad_rttm) for f in extra
     ]
     with pytest.raises(SystemExit) as raised:
         ef.main(argv)
@@ -449,6 +433,7 @@ def write_sparse_recording(path, hours, sample_rate=SR):
     return path
 
 
+@pytest.mark.slow
 def test_two_hour_file_extracts_with_bounded_memory(tmp_path, tiny_base_dir, repo_dir):
     """The peak resident memory of a process extracting a 2-hour recording (460 MB as decoded
     float32) is that of a 15-minute one with the same settings (measured: +0 to +10 MB; it is the
@@ -507,8 +492,6 @@ def test_two_hour_file_extracts_with_bounded_memory(tmp_path, tiny_base_dir, rep
 
 
 def test_segments_that_would_share_an_output_file_and_empty_files_are_reported(models, tmp_path):
-    from extract_features import make_jobs
-
     sources = {"/data/P01_day1.wav": "P01_day1"}
     with pytest.raises(ValueError, match="two segments of /data/P01_day1.wav"):
         make_jobs(sources, [("P01_day1", 1.0, 2.0, "A B"), ("P01_day1", 1.0, 2.0, "A_B")], "npy")

@@ -1,12 +1,10 @@
-"""finetune_ctc.py on CPU with the tiny configs: learning the synthetic alphabet, text and
-vocabulary, segment reads, length-grouped batches, resume, Hugging Face datasets, transcription,
-and clear errors."""
+"""finetune_ctc.py and transcribe.py on CPU with the tiny configs: learning the synthetic alphabet,
+text and vocabulary, segment reads, length-grouped batches, resume, Hugging Face datasets,
+transcription, the flag names, and clear errors."""
 
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import unicodedata
 from pathlib import Path
@@ -16,35 +14,7 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from helpers import chirp, write_signal
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run_script(*args, timeout=600):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "finetune_ctc.py"), *map(str, args)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def flags(**options) -> list[str]:
-    args = []
-    for key, value in options.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def losses(output_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+from helpers import REPO, chirp, flags, log_rows, losses, run_script, write_signal
 
 
 def subset(manifest: Path, target: Path, rows: int) -> Path:
@@ -85,11 +55,12 @@ def trained(labelled, pretrained, tmp_path_factory) -> Path:
     """The demo recipe on the synthetic alphabet, from a (random) local pretraining output."""
     out = tmp_path_factory.mktemp("ctc")
     run_script(
+        "finetune_ctc.py",
         REPO / "configs" / "recipes" / "demo-ctc-tiny.yaml",
         *flags(
             model_name_or_path=pretrained,
             train_manifest=labelled / "train.tsv",
-            eval_manifest=labelled / "dev.tsv",
+            dev_manifest=labelled / "dev.tsv",
             output_dir=out,
             eval_steps=150,
             save_steps=0,
@@ -101,13 +72,14 @@ def trained(labelled, pretrained, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_alphabet(trained):
     results = json.loads((trained / "eval_results.json").read_text())
     assert results["cer"] < 0.3, results
     assert results["wer"] < 0.6, results
     assert results["eval_utterances"] == results["dev_utterances"] == 100
     assert results["train_utterances"] == 500 and results["unreadable_files_skipped"] == []
-    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    log = log_rows(trained)
     train_rows, eval_rows = [r for r in log if "loss" in r], [r for r in log if "eval_wer" in r]
     assert [r["step"] for r in eval_rows] == [150, 300]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] / 3
@@ -130,6 +102,7 @@ def test_tiny_model_learns_the_synthetic_alphabet(trained):
     assert not (trained / "best").exists()
 
 
+@pytest.mark.slow
 def test_output_loads_as_ctc_model_and_processor(trained, labelled):
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
@@ -144,13 +117,15 @@ def test_output_loads_as_ctc_model_and_processor(trained, labelled):
     assert processor.tokenizer.decode([vocab["k"], vocab["k"], 0, vocab["o"], vocab["|"], vocab["a"]]) == "ko a"
 
 
+@pytest.mark.slow
 def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
     from jiwer import cer
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    from finetune_ctc import normalize_text, transcribe
     from utils.audio import load_audio
+    from utils.ctc import transcribe
     from utils.manifests import read_tsv
+    from utils.vocabulary import normalize_text
 
     dev = [r for r in read_tsv(labelled / "dev.tsv", ["path", "text"]) if not r["start"]][:12]
     # A long recording made of dev utterances, decoded 2 s at a time: words at chunk edges survive.
@@ -165,21 +140,14 @@ def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
     assert sf.info(str(long_file)).duration > 3 * 2.0
     assert cer(reference, whole) < 0.3 and cer(reference, chunked) < 0.3, (reference, whole, chunked)
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "finetune_ctc.py"),
-            "transcribe",
-            "--model_name_or_path",
-            str(trained),
-            dev[0]["path"],
-            str(tmp_path / "missing.wav"),
-            dev[1]["path"],
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "transcribe.py",
+        "--model_name_or_path",
+        trained,
+        dev[0]["path"],
+        tmp_path / "missing.wav",
+        dev[1]["path"],
+        check=False,
         timeout=300,
     )
     lines = result.stdout.strip().splitlines()
@@ -189,9 +157,21 @@ def test_transcribe_function_and_command_line(trained, labelled, tmp_path):
     assert [line.split("\t")[1] for line in lines] == hypotheses
 
 
+def test_the_old_transcribe_subcommand_names_transcribe_py(tmp_path):
+    result = run_script(
+        "finetune_ctc.py", "transcribe", "--model_name_or_path", "runs/ctc", tmp_path / "a.flac", check=False
+    )
+    assert result.returncode != 0 and not result.stdout
+    assert (
+        f"error: transcription moved to transcribe.py: python transcribe.py --model_name_or_path runs/ctc {tmp_path / 'a.flac'}"
+        in result.stderr
+    )
+
+
 # --------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_path):
     """Fine-tuning starts from a pretrain.py folder (the encoder weights are loaded, not random), and a
     run resumed from its step-3 checkpoint logs the same losses as the uninterrupted run."""
@@ -202,7 +182,7 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
     common_flags = flags(
         model_name_or_path=pretrained,
         train_manifest=train,
-        eval_manifest=dev,
+        dev_manifest=dev,
         max_train_steps=6,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
@@ -218,10 +198,15 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
         report_to="none",
     )
     first, second = tmp_path / "first", tmp_path / "second"
-    run_script(*common_flags, "--output_dir", first)
+    run_script("finetune_ctc.py", *common_flags, "--output_dir", first)
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     run_script(
-        *common_flags, "--output_dir", second, "--resume_from_checkpoint", first / "checkpoints" / "checkpoint-3"
+        "finetune_ctc.py",
+        *common_flags,
+        "--output_dir",
+        second,
+        "--resume_from_checkpoint",
+        first / "checkpoints" / "checkpoint-3",
     )
 
     uninterrupted, resumed = losses(first), losses(second)
@@ -240,6 +225,7 @@ def test_local_pretraining_output_then_exact_resume(labelled, pretrained, tmp_pa
     assert json.loads((first / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "regularisation",
     [dict(layerdrop=0.5), dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.2)],
@@ -254,18 +240,12 @@ def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 32)
     dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 9)
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(REPO / "finetune_ctc.py"),
+    result = run_script(
+        "finetune_ctc.py",
         *flags(
             model_name_or_path=pretrained,
             train_manifest=train,
-            eval_manifest=dev,
+            dev_manifest=dev,
             max_train_steps=3,
             per_device_train_batch_size=4,
             per_device_eval_batch_size=2,
@@ -277,14 +257,10 @@ def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(
             **regularisation,
         ),
         "--output_dir",
-        str(out),
-    ]
-    result = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
+        out,
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        check=False,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -292,11 +268,12 @@ def test_two_processes_shard_the_batches_and_score_every_dev_utterance_once(
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_utterances"] == results["dev_utterances"] == 9
     assert results["eval_chars"] == sum(len(line.split("\t")[1]) for line in dev.read_text().splitlines()[1:])
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = log_rows(out)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert all(r["utterances_per_update"] == 8 for r in log if "loss" in r)  # 2 processes x 4
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp_path):
     """A job script that always passes --resume_from_checkpoint latest runs again after the run has
     finished: the best model already in OUTPUT_DIR must not be replaced by the last checkpoint's."""
@@ -309,7 +286,7 @@ def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp
         *flags(
             model_name_or_path=pretrained,
             train_manifest=train,
-            eval_manifest=dev,
+            dev_manifest=dev,
             max_train_steps=2,
             per_device_train_batch_size=4,
             eval_steps=1,
@@ -323,12 +300,12 @@ def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp
         "--resume_from_checkpoint",
         "latest",
     ]
-    run_script(*args)
+    run_script("finetune_ctc.py", *args)
     results = json.loads((out / "eval_results.json").read_text())
     weights = load_file(out / "model.safetensors")
     marked = {k: v + 1.0 if k == "lm_head.bias" else v for k, v in weights.items()}  # tells this file from any re-save
     save_file(marked, out / "model.safetensors", metadata={"format": "pt"})
-    run_script(*args)
+    run_script("finetune_ctc.py", *args)
     assert torch.equal(load_file(out / "model.safetensors")["lm_head.bias"], marked["lm_head.bias"])
     assert json.loads((out / "eval_results.json").read_text())["model_step"] == results["model_step"]
 
@@ -336,6 +313,7 @@ def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp
 # --------------------------------------------------------------------------------------------- datasets
 
 
+@pytest.mark.slow
 def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_path, tiny_robust_dir, caplog):
     """A local Hugging Face dataset (parquet, as on the hub), decoded with soundfile: a stereo 44.1 kHz
     FLAC is evaluated at 16 kHz mono; an undecodable row is skipped and counted; the robust-style
@@ -344,7 +322,9 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
 
     import finetune_ctc
     from utils.audio import load_audio
+    from utils.ctc_arguments import DataArguments
     from utils.manifests import read_tsv
+    from utils.utterances import dataset_utterances, read_utterance
 
     rows = [r for r in read_tsv(labelled / "train.tsv", ["path", "text"]) if not r["start"]]
     stereo = [r for r in rows if r["path"].endswith(".flac")]
@@ -367,11 +347,11 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
             tmp_path / "ds" / "data" / f"{split}-00000-of-00001.parquet"
         )
 
-    data_args = finetune_ctc.DataArguments(dataset_name=str(tmp_path / "ds"), text_column_name="sentence")
-    train_rows, dev_rows, unreadable, _, splits = finetune_ctc.dataset_utterances(data_args)
+    data_args = DataArguments(dataset_name=str(tmp_path / "ds"), text_column_name="sentence")
+    train_rows, dev_rows, unreadable, _, splits = dataset_utterances(data_args)
     assert len(train_rows) == 24 and len(dev_rows) == 6 and [r["path"] for r in unreadable] == ["broken.wav"]
     assert dev_rows[0]["duration"] == pytest.approx(sf.info(stereo[0]["path"]).duration)
-    decoded = finetune_ctc.read_utterance(dev_rows[0], splits)
+    decoded = read_utterance(dev_rows[0], splits)
     np.testing.assert_allclose(decoded, load_audio(stereo[0]["path"]), atol=1e-6)
 
     out = tmp_path / "out"
@@ -406,7 +386,7 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
 def test_normalisation_and_tokenizer_round_trip_hindi_and_english(tmp_path, tiny_base_dir):
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-    from finetune_ctc import build_vocabulary, make_tokenizer, normalize_text
+    from utils.vocabulary import build_vocabulary, make_tokenizer, normalize_text
 
     hindi_raw = "नमस्ते,  दुनिया! \u0958िला और ज़रूर। प्रेम   कृष्ण"
     english_raw = "Hello, World!\tIt's   the END."
@@ -439,7 +419,7 @@ def test_normalisation_and_tokenizer_round_trip_hindi_and_english(tmp_path, tiny
 
 
 def test_start_end_segments_read_the_right_samples(tmp_path):
-    from finetune_ctc import UtteranceDataset, measure_durations, read_utterance_manifest
+    from utils.utterances import UtteranceDataset, measure_durations, read_utterance_manifest
 
     wav = write_signal(tmp_path / "audio" / "A01_day.wav", chirp(8.0, 16000, seed=1), 16000)
     flac = write_signal(tmp_path / "audio" / "A02_day.flac", chirp(8.0, 44100, channels=2, seed=2), 44100)
@@ -468,7 +448,7 @@ def test_start_end_segments_read_the_right_samples(tmp_path):
 
 
 def test_length_grouped_batches_are_deterministic_and_cut_padding():
-    from finetune_ctc import BatchPlan, plan_batches
+    from utils.batches import BatchPlan, plan_batches
 
     rng = np.random.default_rng(0)
     durations = np.concatenate([rng.uniform(0.5, 15.0, 997), [25.0, 30.0, 40.0]])
@@ -495,7 +475,7 @@ def test_length_grouped_batches_are_deterministic_and_cut_padding():
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path):
-    from finetune_ctc import Collator, UtteranceDataset, measure_durations, read_utterance_manifest
+    from utils.utterances import Collator, UtteranceDataset, measure_durations, read_utterance_manifest
 
     write_signal(tmp_path / "good.wav", chirp(1.0, 16000), 16000)
     later_bad = write_signal(tmp_path / "later.wav", chirp(1.0, 16000), 16000)
@@ -536,13 +516,14 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     import finetune_ctc
+    from utils.vocabulary import build_vocabulary, make_tokenizer
 
     train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 12)
     lines = train.read_text().splitlines()
     args = flags(
         config_name=tiny_base_dir,
         train_manifest=train,
-        eval_manifest=subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 4),
+        dev_manifest=subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 4),
         output_dir=tmp_path / "out",
         max_train_steps=1,
         num_workers=0,
@@ -563,13 +544,13 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
         train.write_text("\n".join(lines + [f"{lines[1].split(chr(9))[0]}\tab\tS01\t2.0\t1.5"]) + "\n")
         expected = f"{train}, line {len(lines) + 1}: end 1.5 is not after start 2.0"
     elif case == "tokenizer_lacks_characters":
-        small = finetune_ctc.make_tokenizer(finetune_ctc.build_vocabulary(["a d e"]))
+        small = make_tokenizer(build_vocabulary(["a d e"]))
         small.save_pretrained(tmp_path / "small_tokenizer")
         args += flags(tokenizer_name_or_path=tmp_path / "small_tokenizer")
         expected = "vocabulary mismatch: --tokenizer_name_or_path"
     elif case == "ctc_head_vocabulary":  # a model fine-tuned on another alphabet
         other = tmp_path / "other_ctc"
-        tokenizer = finetune_ctc.make_tokenizer(finetune_ctc.build_vocabulary(["xyz w"]))
+        tokenizer = make_tokenizer(build_vocabulary(["xyz w"]))
         Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(tiny_base_dir, vocab_size=len(tokenizer))).save_pretrained(other)
         tokenizer.save_pretrained(other)
         args = [a if a != str(tiny_base_dir) else str(other) for a in args]
@@ -579,7 +560,7 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
         train.write_text(
             "\n".join([lines[0]] + [line.replace("S02", "S01").replace("S03", "S01") for line in lines[1:]]) + "\n"
         )
-        args[args.index("--eval_manifest") : args.index("--eval_manifest") + 2] = []
+        args[args.index("--dev_manifest") : args.index("--dev_manifest") + 2] = []
         expected = "cannot split off a dev set by participant with a single participant"
     with pytest.raises(SystemExit) as error:
         finetune_ctc.main(args)
@@ -594,7 +575,7 @@ def test_clear_errors(case, labelled, tmp_path, tiny_base_dir, capsys):
 
 
 def test_ctc_recipe_parses():
-    from finetune_ctc import CTCTrainingArguments, DataArguments, ModelArguments
+    from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments
     from utils.training import parse_args_with_recipe
 
     model, data, training = parse_args_with_recipe(
@@ -605,3 +586,23 @@ def test_ctc_recipe_parses():
     assert data.train_manifest == "demo_data/labelled/train.tsv" and model.freeze_feature_encoder is False
     defaults = parse_args_with_recipe([ModelArguments, DataArguments, CTCTrainingArguments], [])
     assert defaults[0].model_name_or_path == "facebook/wav2vec2-base" and defaults[0].freeze_feature_encoder is True
+    assert data.dev_manifest == "demo_data/labelled/dev.tsv"
+
+
+def test_eval_flag_names_still_parse_as_the_dev_flags(tmp_path):
+    """Fine-tuning says dev like pretraining and prepare_manifest.py; the old eval_* names still work, with a warning."""
+    from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments
+    from utils.training import parse_args_with_recipe
+
+    groups = [ModelArguments, DataArguments, CTCTrainingArguments]
+    expected = parse_args_with_recipe(groups, ["--dev_manifest", "X", "--dev_fraction", "0.2"])
+    assert (expected[1].dev_manifest, expected[1].dev_fraction) == ("X", 0.2)
+    old_flags = ["--eval_manifest", "X", "--eval_fraction", "0.2"]
+    with pytest.warns(FutureWarning, match="--eval_fraction is deprecated: use --dev_fraction"):
+        with pytest.warns(FutureWarning, match="--eval_manifest is deprecated"):
+            assert parse_args_with_recipe(groups, old_flags) == expected
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("eval_manifest: X\neval_fraction: 0.2\n")
+    with pytest.warns(FutureWarning, match="eval_fraction is deprecated: use dev_fraction"):
+        with pytest.warns(FutureWarning, match="eval_manifest is deprecated: use dev_manifest"):
+            assert parse_args_with_recipe(groups, [str(recipe)]) == expected

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_signal
+from helpers import REPO, flags, log_rows, run_script, write_signal
 
-REPO = Path(__file__).resolve().parent.parent
-PROBE = REPO / "tests" / "pretrain_probe.py"
+PROBE = "tests/pretrain_probe.py"
 
 
 def learnable_corpus(root: Path, files: int = 6, seconds: int = 40, seed: int = 0) -> Path:
@@ -63,23 +62,7 @@ def base_args(corpus: Path, output_dir: Path, config_dir: Path, **overrides) -> 
         "gumbel_temperature_decay": 0.99,
     }
     options.update(overrides)
-    args = []
-    for key, value in options.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def run(args, env_extra=None, launcher=None, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    command = (launcher or [sys.executable]) + [str(a) for a in args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
-
-
-def log_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    return flags(**options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +88,11 @@ def trained(corpus, tmp_path_factory, tiny_base_dir):
         gumbel_temperature_decay=0.995,
         dev_crops_per_file=16,
     )
-    run([REPO / "pretrain.py", *args])
+    run_script("pretrain.py", *args)
     return output_dir
 
 
+@pytest.mark.slow
 def test_dev_loss_falls_below_chance(trained):
     dev = [r for r in log_rows(trained) if "dev_loss" in r]
     assert [r["step"] for r in dev] == [0, 50, 100, 150]
@@ -119,8 +103,9 @@ def test_dev_loss_falls_below_chance(trained):
     assert dev[-1]["dev_accuracy"] > 2 * dev[0]["dev_accuracy"]
 
 
+@pytest.mark.slow
 def test_feature_penalty_is_summed_per_crop_and_holds_the_cnn_features_down(trained):
-    from pretrain import feature_penalty
+    from utils.objective import feature_penalty
 
     features = torch.randn(4, 8, 30) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
     mask = torch.zeros(4, 30, dtype=torch.bool)
@@ -133,8 +118,9 @@ def test_feature_penalty_is_summed_per_crop_and_holds_the_cnn_features_down(trai
     assert all(p > 0 for p in penalties) and penalties[-1] < penalties[0] / 2
 
 
+@pytest.mark.slow
 def test_logged_masked_fraction_matches_the_mask_settings(trained):
-    from pretrain import MaskAndNegatives
+    from utils.objective import MaskAndNegatives
 
     rows = [r for r in log_rows(trained) if "loss" in r]
     logged = np.mean([r["masked_fraction"] for r in rows])
@@ -147,7 +133,7 @@ def test_logged_masked_fraction_matches_the_mask_settings(trained):
 
 
 def test_mask_fraction_for_fairseq_settings_on_8s_crops():
-    from pretrain import MaskAndNegatives
+    from utils.objective import MaskAndNegatives
 
     transform = MaskAndNegatives(num_frames=399, mask_time_prob=0.65, mask_time_length=10, num_negatives=100)
     batch = transform({"crop_keys": np.array([[1, 0, i] for i in range(200)])})
@@ -164,6 +150,7 @@ def test_mask_fraction_for_fairseq_settings_on_8s_crops():
     assert (again["mask_time_indices"] == masks[:3]).all()  # a crop's mask depends on its key only
 
 
+@pytest.mark.slow
 def test_output_loads_with_every_head_and_card_has_the_numbers(trained):
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
@@ -191,6 +178,7 @@ def test_output_loads_with_every_head_and_card_has_the_numbers(trained):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_base_dir):
     """4 crops x 1 micro-step, 2 x 2 micro-steps, and 2 processes x 2 crops: same losses, grad
     norms and weights. Dropout, LayerDrop and Gumbel noise are off, and the diversity term (whose
@@ -209,12 +197,15 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
     }
     for name, split in runs.items():
         out = tmp_path / name
-        run([PROBE, *base_args(corpus, out, tiny_base_dir, **common, **split)], {**env, "PROBE_DIR": str(out)})
+        run_script(
+            PROBE, *base_args(corpus, out, tiny_base_dir, **common, **split), env_extra={**env, "PROBE_DIR": str(out)}
+        )
     out = tmp_path / "2proc"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    run(
-        [PROBE, *base_args(corpus, out, tiny_base_dir, **common, per_device_train_batch_size=2)],
-        {**env, "PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    run_script(
+        PROBE,
+        *base_args(corpus, out, tiny_base_dir, **common, per_device_train_batch_size=2),
+        env_extra={**env, "PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
         launcher=torchrun,
     )
 
@@ -250,23 +241,22 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
     assert moved > 1e-3
 
 
+@pytest.mark.slow
 def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
     """LayerDrop leaves skipped layers without gradients; plain DDP would stop with an error."""
     out = tmp_path / "layerdrop"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    result = run(
-        [
-            PROBE,
-            *base_args(
-                corpus,
-                out,
-                tiny_base_dir,
-                config_overrides="layerdrop=0.7",
-                max_train_steps=4,
-                per_device_train_batch_size=2,
-            ),
-        ],
-        {"PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    result = run_script(
+        PROBE,
+        *base_args(
+            corpus,
+            out,
+            tiny_base_dir,
+            config_overrides="layerdrop=0.7",
+            max_train_steps=4,
+            per_device_train_batch_size=2,
+        ),
+        env_extra={"PROBE_DIR": str(out), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
         launcher=torchrun,
     )
     assert "outlives the process group" not in result.stderr  # the DDP wrapper is freed first, or the exit can hang
@@ -275,10 +265,11 @@ def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, tiny_base_dir):
     options = dict(max_train_steps=12, save_steps=3, num_workers=1, dev_manifest=corpus / "dev.tsv", eval_steps=4)
     straight = tmp_path / "straight"
-    run([REPO / "pretrain.py", *base_args(corpus, straight, tiny_base_dir, **options)])
+    run_script("pretrain.py", *base_args(corpus, straight, tiny_base_dir, **options))
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -299,13 +290,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, 
     process.wait()
     latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert 6 <= latest < 12, "the run must be killed mid-way for this test to mean anything"
-    run(
-        [
-            REPO / "pretrain.py",
-            *base_args(corpus, killed, tiny_base_dir, **options),
-            "--resume_from_checkpoint",
-            "latest",
-        ]
+    run_script(
+        "pretrain.py", *base_args(corpus, killed, tiny_base_dir, **options), "--resume_from_checkpoint", "latest"
     )
 
     expected, resumed = log_rows(straight), log_rows(killed)
@@ -317,6 +303,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, 
     assert not list((killed / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_base_dir):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -345,9 +332,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_bas
     assert "SIGTERM" in stderr
 
 
+@pytest.mark.slow
 def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
     out = tmp_path / "robust"
-    run([REPO / "pretrain.py", *base_args(corpus, out, tiny_robust_dir, max_train_steps=4)])
+    run_script("pretrain.py", *base_args(corpus, out, tiny_robust_dir, max_train_steps=4))
     rows = log_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     from transformers import Wav2Vec2ForPreTraining
@@ -356,6 +344,7 @@ def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
     assert model.config.do_stable_layer_norm
 
 
+@pytest.mark.slow
 def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, monkeypatch, caplog):
     """From a saved Wav2Vec2ForPreTraining: overrides reach the built modules, the objective's
     config is ours, the Gumbel schedule starts at its floor; a CTC checkpoint is warned about."""
@@ -399,6 +388,7 @@ def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, mon
     assert "has no pretraining heads" in caplog.text and "quantizer" in caplog.text
 
 
+@pytest.mark.slow
 def test_audio_dir_is_scanned_split_by_participant_and_kept(corpus, tmp_path, tiny_base_dir):
     import pretrain
 
@@ -415,6 +405,7 @@ def test_audio_dir_is_scanned_split_by_participant_and_kept(corpus, tmp_path, ti
     assert (manifests / "invalid.tsv").is_file() and [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny_base_dir, caplog):
     import pretrain
 
@@ -441,6 +432,7 @@ def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_push_to_hub_failure_keeps_the_complete_local_output(corpus, tmp_path, tiny_base_dir, monkeypatch):
     import huggingface_hub
 
@@ -530,7 +522,7 @@ def test_clear_errors(case, corpus, tmp_path, tiny_base_dir, capsys):
     "recipe", ["hindibabynet-wav2vec2-base.yaml", "wav2vec2-base-continued.yaml", "demo-tiny.yaml"]
 )
 def test_pretraining_recipes_parse(recipe):
-    from pretrain import DataArguments, ModelArguments, ObjectiveArguments
+    from utils.pretrain_arguments import DataArguments, ModelArguments, ObjectiveArguments
     from utils.training import TrainingArguments, parse_args_with_recipe
 
     model, data, objective, training = parse_args_with_recipe(
@@ -577,5 +569,5 @@ def test_model_cards_name_only_hub_ids_as_base_model(tmp_path, monkeypatch):
 )
 def test_help_lists_the_flags(script, flag):
     """The README sends users to --help; a stray '%' in a help text makes argparse crash there."""
-    result = run([REPO / script, "--help"])
+    result = run_script(script, "--help")
     assert flag in result.stdout and "--output_dir" in result.stdout

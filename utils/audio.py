@@ -21,16 +21,22 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
 RESAMPLE_MARGIN_SECONDS = 0.02
 
 
-def read_resampled(audio: sf.SoundFile, start: int, length: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+def read_resampled(
+    audio: sf.SoundFile, start: int, length: int, target_sr: int = TARGET_SAMPLE_RATE, *, strict: bool = False
+) -> np.ndarray:
     """Return `length` float32 mono samples at `target_sr`, starting at target-rate sample `start`.
 
     Only the needed source frames (plus a short resampling margin) are read. The read boundaries sit
     on the grid where source and target sample times coincide, so sample k of the result is sample
     `start + k` of the whole file resampled in one pass. Past the end of the file the result is
-    zero-padded, so the length is always exact.
+    zero-padded, so the length is always exact. With `strict`, a file holding fewer frames than its
+    header says is an error (OSError) rather than silently zero-padded.
     """
     window = source_window(audio.samplerate, audio.frames, start, length, target_sr)
-    source = read_mono(audio, window.src_start, window.src_stop - window.src_start)
+    wanted = window.src_stop - window.src_start
+    source = read_mono(audio, window.src_start, wanted)
+    if strict and len(source) < wanted:
+        raise OSError(f"truncated: read {len(source)} of {wanted} frames at frame {window.src_start}")
     return window.resample(source, audio.samplerate, target_sr)
 
 

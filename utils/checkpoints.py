@@ -1,4 +1,5 @@
-"""Checkpoints that a crash never leaves half written: save, list, resolve 'latest', load."""
+"""Checkpoints and model folders that a crash never leaves half written: save, list, resolve
+'latest', load."""
 
 from __future__ import annotations
 
@@ -92,6 +93,23 @@ def load_checkpoint(accelerator, path: Path, train_args: TrainingArguments) -> d
             "!" * 80,
         )
     return state
+
+
+def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str] | None = None) -> None:
+    """save_pretrained into a temporary sibling, then one rename: never half a model on disk."""
+    tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    # preprocessor_config.json too: what pretrain.py, extract_features.py and older transformers read.
+    processor.feature_extractor.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_shape(accelerator, train_args: TrainingArguments) -> dict:

@@ -18,7 +18,10 @@ from utils.audio import find_audio_files
 
 # A crop quieter than this everywhere we probe it is treated as digital silence, not as a quiet room.
 DIGITAL_SILENCE_RMS = 1e-6
+# Unlabelled recordings (data/prepare_manifest.py, pretraining, extraction) ...
 MANIFEST_COLUMNS = ["path", "participant", "duration", "sample_rate", "num_channels", "num_frames"]
+# ... and labelled utterances (CTC fine-tuning; start and end in seconds, empty for a whole file).
+UTTERANCE_COLUMNS = ["path", "text", "participant", "start", "end"]
 # The leading letters and digits of the file name, up to the first '_', '-' or '.':
 # "P017_day2.flac" -> "P017", "cls04-morning.wav" -> "cls04".
 DEFAULT_PARTICIPANT_REGEX = r"^([A-Za-z0-9]+)[_.-]"

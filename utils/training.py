@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,28 @@ ARGUMENT_MINIMUMS = {
 }
 
 
+# Old flag names that still work, with a warning: every script says "dev" for the held-out set.
+DEPRECATED_FLAGS = {"eval_manifest": "dev_manifest", "eval_fraction": "dev_fraction"}
+
+
+def rename_deprecated(argv: list[str], recipe: dict, source: str = "") -> tuple[list[str], dict]:
+    """argv and recipe with deprecated flag names replaced by their current ones, each use warned about."""
+    renamed_argv = []
+    for arg in argv:
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in DEPRECATED_FLAGS:
+            warnings.warn(f"--{name} is deprecated: use --{DEPRECATED_FLAGS[name]}", FutureWarning, stacklevel=3)
+            arg = f"--{DEPRECATED_FLAGS[name]}{sep}{value}"
+        renamed_argv.append(arg)
+    renamed_recipe = {}
+    for key, value in recipe.items():
+        if key in DEPRECATED_FLAGS:
+            warnings.warn(f"{source}: {key} is deprecated: use {DEPRECATED_FLAGS[key]}", FutureWarning, stacklevel=3)
+            key = DEPRECATED_FLAGS[key]
+        renamed_recipe[key] = value
+    return renamed_argv, renamed_recipe
+
+
 def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     """HfArgumentParser, with an optional YAML recipe as the first argument; flags override it."""
     import yaml
@@ -91,11 +114,14 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    recipe, recipe_path = {}, None
     if argv and argv[0].endswith((".yaml", ".yml")):
         recipe_path = Path(argv.pop(0))
         if not recipe_path.is_file():
             parser.error(f"recipe file not found: {recipe_path}")
         recipe = yaml.safe_load(recipe_path.read_text()) or {}
+    argv, recipe = rename_deprecated(argv, recipe, f"recipe {recipe_path}")
+    if recipe:
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - known)
         if unknown:

@@ -1,0 +1,78 @@
+"""The wav2vec 2.0 pretraining objective around transformers' model: masks and negatives drawn per
+crop, the Gumbel temperature schedule, fairseq's feature penalty, and contrastive accuracy."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2ForPreTraining
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+# fairseq's wav2vec2-base ended its 400k updates with the Gumbel temperature at its floor (0.5);
+# a continued run starts there instead of re-heating the quantizer to 2.0 (which transformers
+# does on load) and scrambling the codebook the checkpoint learned.
+PRETRAINED_GUMBEL_STEPS = 400_000
+
+
+class MaskAndNegatives:
+    """Runs in the DataLoader workers: a span mask and contrastive negatives for every crop.
+
+    Each crop's draw is seeded by its (seed, epoch, index) key, so masks do not depend on the batch
+    a crop lands in, the number of workers or processes, or whether the run was resumed.
+    transformers' helpers draw from numpy's global RNG; it is saved and restored around them.
+    """
+
+    def __init__(self, num_frames: int, mask_time_prob: float, mask_time_length: int, num_negatives: int):
+        self.num_frames, self.mask_time_prob, self.mask_time_length = num_frames, mask_time_prob, mask_time_length
+        self.num_negatives = num_negatives
+
+    def __call__(self, batch: dict) -> dict:
+        masks, negatives = [], []
+        for row, key in enumerate(batch["crop_keys"]):
+            with numpy_global_seed(key):
+                mask = _compute_mask_indices(
+                    (1, self.num_frames), self.mask_time_prob, self.mask_time_length, min_masks=2
+                )
+                negative = _sample_negative_indices((1, self.num_frames), self.num_negatives, mask)
+            masks.append(mask[0])
+            negatives.append(negative[0] + row * self.num_frames)
+        batch["mask_time_indices"] = np.stack(masks)
+        batch["sampled_negative_indices"] = np.stack(negatives)
+        return batch
+
+
+@contextmanager
+def numpy_global_seed(key):
+    state = np.random.get_state()
+    np.random.seed(np.random.SeedSequence([int(k) for k in key] + [3]).generate_state(1)[0])
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def gumbel_temperature(args, step: int) -> float:
+    """`args`: pretrain.py's ObjectiveArguments (max/min_gumbel_temperature, gumbel_temperature_decay)."""
+    return max(args.max_gumbel_temperature * args.gumbel_temperature_decay**step, args.min_gumbel_temperature)
+
+
+def feature_penalty(features: torch.Tensor, mask_time_indices: torch.Tensor) -> torch.Tensor:
+    """Each crop's mean square CNN feature, times its masked frames, summed like the model's loss:
+    divided by the update's masked frames, it does not depend on how the update is split."""
+    per_crop = features.float().pow(2).mean(dim=(1, 2))
+    return (per_crop * mask_time_indices.sum(1)).sum()
+
+
+def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
+    """Masked frames whose true quantized vector scores above all its negatives."""
+    quantized, context = out.projected_quantized_states, out.projected_states
+    batch, frames, dim = quantized.shape
+    negatives = quantized.reshape(-1, dim)[inputs["sampled_negative_indices"].long().reshape(-1)]
+    negatives = negatives.reshape(batch, frames, -1, dim).permute(2, 0, 1, 3)
+    logits = Wav2Vec2ForPreTraining.compute_contrastive_logits(
+        quantized[None], negatives, context, config.contrastive_logits_temperature
+    )
+    logits[1:][(quantized == negatives).all(-1)] = float("-inf")
+    return ((logits.argmax(0) == 0) & inputs["mask_time_indices"].bool()).sum()

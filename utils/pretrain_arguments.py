@@ -1,0 +1,115 @@
+"""The flags of pretrain.py: model (checkpoint or config, config overrides, feature-encoder
+gradients), data (manifests or a folder to scan, crops), objective (masks, negatives, loss weights,
+Gumbel schedule), and the shared training-loop flags. A YAML recipe may set any of them (utils.training).
+apply_config_overrides is what --config_overrides does to the model config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import yaml
+
+from utils.manifests import DEFAULT_PARTICIPANT_REGEX
+from utils.objective import PRETRAINED_GUMBEL_STEPS
+from utils.training import TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default="facebook/wav2vec2-base",
+        metadata={"help": "Wav2Vec2ForPreTraining checkpoint (hub id or local folder) to continue from."},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config folder to train from scratch (random init); overrides model_name_or_path."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'."}
+    )
+    feature_grad_mult: float = field(
+        default=0.1,
+        metadata={"help": "Scale of the CNN feature encoder's gradients (fairseq: 0.1); 1 leaves them alone."},
+    )
+    freeze_feature_encoder: bool = field(default=False, metadata={"help": "Train the transformer and quantizer only."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_manifest: str | None = field(
+        default=None,
+        metadata={"help": "TSV from data/prepare_manifest.py, or several with weights: 'home.tsv:0.7,read.tsv:0.3'."},
+    )
+    dev_manifest: str | None = field(default=None, metadata={"help": "Dev TSV(s) for evaluation on fixed crops."})
+    audio_dir: str | None = field(
+        default=None, metadata={"help": "Instead of manifests: scan this folder and split it by participant."}
+    )
+    participant_regex: str = field(
+        default=DEFAULT_PARTICIPANT_REGEX,
+        metadata={"help": "With --audio_dir: regex whose first group is the participant id."},
+    )
+    dev_fraction: float = field(default=0.1, metadata={"help": "With --audio_dir: share of audio hours for dev."})
+    crop_seconds: float = field(default=8.0)
+    min_rms: float = field(default=0.001, metadata={"help": "Crops quieter than this are redrawn."})
+    max_crop_retries: int = field(default=10)
+    epoch_multiplier: int = field(default=10, metadata={"help": "Crops per file per epoch."})
+    crops_by_duration: bool = field(
+        default=False, metadata={"help": "Share an epoch's crops out in proportion to file duration instead."}
+    )
+    dev_crops_per_file: int = field(default=8, metadata={"help": "Fixed dev crops per dev file."})
+
+
+@dataclass
+class ObjectiveArguments:
+    mask_time_prob: float = field(
+        default=0.65,
+        metadata={"help": "Share of frames that start a masked span (fairseq: 0.65 -> ~49%% of frames masked)."},
+    )
+    mask_time_length: int = field(default=10, metadata={"help": "Frames per masked span."})
+    num_negatives: int = field(default=100)
+    contrastive_temperature: float = field(default=0.1)
+    diversity_loss_weight: float = field(default=0.1)
+    feature_penalty_weight: float = field(
+        default=10.0,
+        metadata={
+            "help": "Weight of the mean square of the CNN features in the loss (fairseq: 10; transformers' model has no such term)."
+        },
+    )
+    max_gumbel_temperature: float = field(default=2.0)
+    min_gumbel_temperature: float = field(default=0.5)
+    gumbel_temperature_decay: float = field(default=0.999995)
+    gumbel_start_step: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Schedule step the run starts at; default 0 from scratch, {PRETRAINED_GUMBEL_STEPS} (temperature at its floor) when continuing."
+        },
+    )
+
+
+class Arguments(NamedTuple):
+    """The four flag groups, as parse_args_with_recipe returns them."""
+
+    model: ModelArguments
+    data: DataArguments
+    objective: ObjectiveArguments
+    training: TrainingArguments
+
+
+def apply_config_overrides(config, overrides: str | None) -> None:
+    """'key=value,...': each value read as YAML, cast to the field's type where both are numbers."""
+    for item in filter(None, (s.strip() for s in (overrides or "").split(","))):
+        key, _, value = item.partition("=")
+        if not hasattr(config, key):
+            raise SystemExit(f"error: --config_overrides: the model config has no field {key!r}")
+        old, new = getattr(config, key), yaml.safe_load(value)  # 0.1 -> float, false -> bool, null -> None
+        setattr(
+            config,
+            key,
+            type(old)(new)
+            if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float))
+            else new,
+        )
