@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import chirp, write_signal
+from helpers import chirp, flags, run_script, write_signal
 
 from data import prepare_manifest
 from data.make_demo_corpus import make_corpus
@@ -193,7 +191,7 @@ def write_named(root, names):
         write_signal(root / name, chirp(1.0 + 0.25 * i, 8000, seed=i), 8000)
 
 
-def test_cli_custom_participant_regex_split_and_unmatched_names(tmp_path, repo_dir):
+def test_cli_custom_participant_regex_split_and_unmatched_names(tmp_path):
     audio = tmp_path / "audio"
     names = [f"2023-05-0{d}_family{f}.wav" for f in (3, 7, 12, 21, 30) for d in (1, 2)] + [
         "2023-05-03_visitor.wav",
@@ -201,25 +199,12 @@ def test_cli_custom_participant_regex_split_and_unmatched_names(tmp_path, repo_d
     ]
     write_named(audio, names)
     out = tmp_path / "manifests"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(repo_dir / "data" / "prepare_manifest.py"),
-            str(audio),
-            "--output_dir",
-            str(out),
-            "--participant_regex",
-            r"_(family\d+)",
-            "--dev_fraction",
-            "0.3",
-            "--seed",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "data/prepare_manifest.py",
+        audio,
+        *flags(output_dir=out, participant_regex=r"_(family\d+)", dev_fraction=0.3, seed=3),
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary == json.loads((out / "summary.json").read_text())
     train, dev = read_manifest(out / "train.tsv"), read_manifest(out / "dev.tsv")
