@@ -31,6 +31,20 @@ def test_old_dev_flag_names_parse_as_the_new_ones_with_a_warning(tmp_path):
             assert parse([str(recipe)]) == expected
 
 
+@pytest.mark.parametrize("spelling", [["--eval-manifest", "dev.tsv"], ["--eval_man=dev.tsv"], ["--eval-m", "dev.tsv"]])
+def test_old_dev_flag_names_work_in_every_spelling_argparse_takes(spelling):
+    """HfArgumentParser takes '-' for '_' and argparse any unambiguous prefix: so did the old flags."""
+    with pytest.warns(FutureWarning, match="--eval_manifest is deprecated: use --dev_manifest"):
+        dev, _ = parse(spelling)
+    assert dev.dev_manifest == "dev.tsv"
+
+
+def test_prefixes_shared_with_current_flags_are_left_to_argparse(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--eval", "x"])  # eval_manifest, eval_fraction, eval_steps: ambiguous, as it always was
+    assert "ambiguous option: --eval" in capsys.readouterr().err
+
+
 def test_current_flag_names_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -89,14 +89,27 @@ ARGUMENT_MINIMUMS = {
 DEPRECATED_FLAGS = {"eval_manifest": "dev_manifest", "eval_fraction": "dev_fraction"}
 
 
-def rename_deprecated(argv: list[str], recipe: dict, source: str = "") -> tuple[list[str], dict]:
+def deprecated_flag(name: str, current: set[str]) -> str | None:
+    """The deprecated flag that `name` (from `--name`) stands for, read as argparse reads flags:
+    '-' for '_', and any prefix that names one flag only; None if it is not one."""
+    name = name.replace("-", "_")
+    if name in DEPRECATED_FLAGS:
+        return name
+    matches = [old for old in DEPRECATED_FLAGS if old.startswith(name)]
+    if name and len(matches) == 1 and not any(flag.startswith(name) for flag in current):
+        return matches[0]
+    return None
+
+
+def rename_deprecated(argv: list[str], recipe: dict, current: set[str], source: str = "") -> tuple[list[str], dict]:
     """argv and recipe with deprecated flag names replaced by their current ones, each use warned about."""
     renamed_argv = []
     for arg in argv:
         name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in DEPRECATED_FLAGS:
-            warnings.warn(f"--{name} is deprecated: use --{DEPRECATED_FLAGS[name]}", FutureWarning, stacklevel=3)
-            arg = f"--{DEPRECATED_FLAGS[name]}{sep}{value}"
+        old = deprecated_flag(name, current)
+        if old:
+            warnings.warn(f"--{old} is deprecated: use --{DEPRECATED_FLAGS[old]}", FutureWarning, stacklevel=3)
+            arg = f"--{DEPRECATED_FLAGS[old]}{sep}{value}"
         renamed_argv.append(arg)
     renamed_recipe = {}
     for key, value in recipe.items():
@@ -120,9 +133,9 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
         if not recipe_path.is_file():
             parser.error(f"recipe file not found: {recipe_path}")
         recipe = yaml.safe_load(recipe_path.read_text()) or {}
-    argv, recipe = rename_deprecated(argv, recipe, f"recipe {recipe_path}")
+    known = {action.dest for action in parser._actions}
+    argv, recipe = rename_deprecated(argv, recipe, known, f"recipe {recipe_path}")
     if recipe:
-        known = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - known)
         if unknown:
             parser.error(f"recipe {recipe_path} sets unknown option(s): {', '.join(unknown)}")
