@@ -35,7 +35,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, get_
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.batches import make_loaders
-from utils.cards import push_folder_to_hub
+from utils.cards import format_number, push_folder_to_hub
 from utils.checkpoints import save_checkpoint, save_model_folder
 from utils.ctc import blank_bias, check_ctc_head, ctc_loss_sum, evaluate_ctc, time_mask_indices
 from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments, config_overrides
@@ -196,11 +196,11 @@ def evaluate(run: Run, step: int, unreadable: set[str]) -> dict | None:
         return None
     result = {"step": step, **scores}
     logger.info(
-        "step %d: dev WER %.4f, CER %.4f, loss %.4f (%d utterances)",
+        "step %d: dev WER %s, CER %s, loss %s (%d utterances)",  # null: computed from NaN or Inf outputs
         step,
-        result["eval_wer"],
-        result["eval_cer"],
-        result["eval_loss"],
+        format_number(result["eval_wer"]),
+        format_number(result["eval_cer"]),
+        format_number(result["eval_loss"]),
         result["eval_utterances"],
     )
     for example in result["examples"]:
@@ -209,8 +209,11 @@ def evaluate(run: Run, step: int, unreadable: set[str]) -> dict | None:
 
 
 def keep_if_best(run: Run, result: dict | None, best: dict) -> dict:
-    """The best evaluation so far (lowest WER, then CER); a new best has its model saved in OUTPUT_DIR/best."""
-    if result is None or best and (result["eval_wer"], result["eval_cer"]) >= (best["eval_wer"], best["eval_cer"]):
+    """The best evaluation so far (lowest WER, then CER); a new best has its model saved in OUTPUT_DIR/best.
+    A null WER (from non-finite outputs) is never the best."""
+    if result is None or result["eval_wer"] is None:
+        return best
+    if best and (result["eval_wer"], result["eval_cer"]) >= (best["eval_wer"], best["eval_cer"]):
         return best
     best = {k: v for k, v in result.items() if k != "examples"}
     if run.accelerator.is_main_process:
@@ -226,8 +229,8 @@ def keep_if_best(run: Run, result: dict | None, best: dict) -> dict:
 
 
 def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSignal) -> bool:
-    """Updates up to --max_train_steps with logging, evaluation and checkpoints; True if SIGTERM
-    stopped it (a checkpoint was saved)."""
+    """Updates up to --max_train_steps with logging, evaluation and checkpoints; True if no final model is to
+    be saved: SIGTERM stopped it (a checkpoint was saved), or state.guard did."""
     accelerator, train_args = run.accelerator, run.train_args
     accumulation = train_args.gradient_accumulation_steps
     epoch, batch_in_epoch = state.position["epoch"], state.position["batch_in_epoch"]
@@ -244,8 +247,7 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
         desc="finetune_ctc",
     )
     model.train()
-    for step in range(state.step + 1, train_args.max_train_steps + 1):
-        state.step = step
+    while state.step < train_args.max_train_steps and not state.guard.stopped:
         micro_batches = next_micro_batches(positions, batches, accumulation, state)
         targets_here = sum(int((b["labels"] >= 0).sum()) for b in micro_batches)
         total_targets = accelerator.reduce(
@@ -255,10 +257,14 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
         # gradients over processes and accelerator.backward divides by the accumulation steps: both
         # are undone so every character of the update weighs the same.
         loss_scale = accelerator.num_processes * accumulation / total_targets.clamp(min=1)
+        before = window.clone()
         for batch in micro_batches:
             grad_norm = train_micro_batch(run, model, optimizer, batch, loss_scale, window, grad_norm)
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
-            scheduler.step()
+        # A NaN or Inf loss or gradient norm, or an fp16 overflow: no step, and no step of the schedule or budget.
+        if not state.guard.step(accelerator, optimizer, grad_norm, window, before, state.step):
+            continue
+        state.step = step = state.step + 1
+        scheduler.step()
         window_steps += 1
         progress.update(1)
 
@@ -289,7 +295,7 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
     progress.close()
-    return False
+    return state.guard.finish(run.unwrapped)  # True: no final model (non-finite updates or weights)
 
 
 def next_micro_batches(positions, batches, accumulation: int, state: Progress) -> list[dict]:
@@ -308,8 +314,8 @@ def next_micro_batches(positions, batches, accumulation: int, state: Progress) -
 
 
 def train_micro_batch(run: Run, model, optimizer, batch: dict, loss_scale, window, grad_norm):
-    """Forward and backward of one micro-batch (the optimizer steps at the update's last one); its
-    sums are added to `window`. Returns the gradient norm, new if gradients were synced."""
+    """Forward and backward of one micro-batch (the optimizer steps after the update's last one, in
+    train()); its sums are added to `window`. Returns the gradient norm, new if gradients were synced."""
     accelerator, model_args, unwrapped = run.accelerator, run.model_args, run.unwrapped
     empty = not batch["indices"]
     if empty:  # every file of this batch failed: a silent stand-in keeps the processes in step
@@ -340,8 +346,6 @@ def train_micro_batch(run: Run, model, optimizer, batch: dict, loss_scale, windo
         accelerator.backward(loss_sum * loss_scale)
         if accelerator.sync_gradients:  # --max_grad_norm 0: no clipping, the norm is still logged
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.train_args.max_grad_norm or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     if not empty:
         real_samples = float(batch["input_lengths"].sum())
         window += torch.stack(
@@ -373,6 +377,7 @@ def log_window(run: Run, state: Progress, scheduler, window, window_steps: int, 
         "padding_fraction": (totals[3] / (totals[2] + totals[3]).clamp(min=1)).item(),
         "utterances_per_update": (totals[4] / window_steps).item(),
         "skipped_files": len(state.unreadable),
+        "skipped_updates": state.guard.skipped,
     }
     if accelerator.is_main_process:
         append_jsonl(run.log_path, record)
@@ -516,6 +521,7 @@ def main(argv=None):
         stop.release()
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
+    state.guard.raise_if_stopped()
     return None if preempted else output_dir
 
 

@@ -33,6 +33,7 @@ from utils.manifests import (
     split_by_participant,
     write_manifests,
 )
+from utils.numerics import UpdateGuard, null_if_nonfinite
 from utils.objective import (
     PRETRAINED_GUMBEL_STEPS,
     MaskAndNegatives,
@@ -48,7 +49,7 @@ from utils.pretrain_arguments import (
     apply_config_overrides,
 )
 from utils.pretrain_card import model_card, plot_losses
-from utils.pretrain_log import LogWindow, train_row
+from utils.pretrain_log import LogWindow, dev_summary, train_row
 from utils.training import (
     StopSignal,
     TrainingArguments,
@@ -295,6 +296,7 @@ def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_work
         "dev_contrastive_loss": (sums[3] / sums[1]).item(),
         "dev_accuracy": (sums[2] / sums[1]).item(),
     }
+    null_if_nonfinite(record)  # NaN outputs gave dev accuracy 1.0
     if accelerator.is_main_process:
         append_jsonl(log_path, record)
     accelerator.log(record, step=step)
@@ -325,18 +327,20 @@ def make_optimizer(model, train_args: TrainingArguments):
 
 @dataclass
 class LoopState:
-    """Where the run stands: its last update and the unreadable files met (by this process, or by all
-    once gathered)."""
+    """Where the run stands: its last applied update, the unreadable files met (by this process, or by
+    all once gathered), and the updates skipped for non-finite numbers."""
 
     step: int = 0
     unreadable: set[str] = field(default_factory=set)
+    guard: UpdateGuard = field(default_factory=UpdateGuard)
 
 
 def resume(accelerator, output_dir: Path, train_args: TrainingArguments, train_stream: CropStream) -> LoopState:
     """A fresh start, or the state of --resume_from_checkpoint with the train stream moved to its position."""
+    guard = UpdateGuard(train_args.max_consecutive_nonfinite, output_dir)
     checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
     if checkpoint is None:
-        return LoopState()
+        return LoopState(guard=guard)
     state = load_checkpoint(accelerator, checkpoint, train_args)
     train_stream.start_at(state["epoch"], state["batch_in_epoch"])
     logger.info(
@@ -346,11 +350,13 @@ def resume(accelerator, output_dir: Path, train_args: TrainingArguments, train_s
         state["epoch"],
         state["batch_in_epoch"],
     )
-    return LoopState(state["step"], set(state.get("unreadable", [])))
+    return LoopState(state["step"], set(state.get("unreadable", [])), guard.restore(state))
 
 
-def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_output, objective, train_args):
-    """One optimizer update on the micro-batches; their sums go into the window. Returns the gradient norm."""
+def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_output, args, state: LoopState):
+    """One optimizer update on the micro-batches, their sums in the window, unless the guard skips it (a NaN
+    or Inf loss or gradient norm, an fp16 overflow). Returns the gradient norm and whether it was applied."""
+    objective, train_args = args.objective, args.training
     accumulation = train_args.gradient_accumulation_steps
     masked_here = sum(int(b["mask_time_indices"].sum()) for b in micro_batches)
     total_masked = accelerator.reduce(torch.tensor(float(masked_here), device=accelerator.device), reduction="sum")
@@ -358,6 +364,7 @@ def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_
     # gradients over processes and accelerator.backward divides by the accumulation steps:
     # both are undone so every masked frame of the update weighs the same.
     loss_scale = accelerator.num_processes * accumulation / total_masked
+    before = window.sums.clone()
     for batch in micro_batches:
         inputs = to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
@@ -370,15 +377,13 @@ def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_
             accelerator.backward((out.loss + objective.feature_penalty_weight * penalty) * loss_scale)
             if accelerator.sync_gradients:  # --max_grad_norm 0: no clipping, the norm is still logged
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         window.add(out, inputs["mask_time_indices"], penalty, accelerator.device)
-    return grad_norm
+    return grad_norm, state.guard.step(accelerator, optimizer, grad_norm, window.sums, before, state.step)
 
 
 def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_start, args, log_path, state, stop):
-    """The updates up to --max_train_steps, with train-log rows, dev evaluations and checkpoints.
-    Returns whether SIGTERM stopped the run (after saving a checkpoint)."""
+    """The updates up to --max_train_steps, with train-log rows, dev evaluations and checkpoints. Returns
+    True if no final model is to be saved: SIGTERM (after a checkpoint), or state.guard stopped the run."""
     data_args, objective, train_args = args.data, args.objective, args.training
     output_dir, unwrapped = Path(train_args.output_dir), accelerator.unwrap_model(model)
     accumulation = train_args.gradient_accumulation_steps
@@ -399,9 +404,8 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
     if data.dev is not None and state.step == 0 and train_args.eval_steps:
         evaluate(0, *evaluation)
     model.train()
-    for step in range(state.step + 1, train_args.max_train_steps + 1):
-        state.step = step
-        temperature = gumbel_temperature(objective, gumbel_start + step - 1)
+    while state.step < train_args.max_train_steps and not state.guard.stopped:
+        temperature = gumbel_temperature(objective, gumbel_start + state.step)
         unwrapped.set_gumbel_temperature(temperature)
         micro_batches = [next(batches) for _ in range(accumulation)]
         for batch in micro_batches:
@@ -409,16 +413,18 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             state.unreadable.update(batch["new_unreadable"])
         last = micro_batches[-1]
         position = {"epoch": int(last["epoch"]), "batch_in_epoch": int(last["batch_in_epoch"]) + 1}
-        grad_norm = update(accelerator, model, optimizer, micro_batches, window, cnn_output, objective, train_args)
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
-            scheduler.step()
+        grad_norm, applied = update(accelerator, model, optimizer, micro_batches, window, cnn_output, args, state)
+        if not applied:  # skipped: step, LR and Gumbel schedules and the step budget count applied updates only
+            continue
+        state.step = step = state.step + 1
+        scheduler.step()
         window.steps += 1
         progress.update(1)
 
         if step % train_args.logging_steps == 0 or step == train_args.max_train_steps:
             lr, epoch = scheduler.get_last_lr()[0], position["epoch"]
             record, state.unreadable = train_row(
-                accelerator, window, step, temperature, lr, grad_norm, epoch, state.unreadable
+                accelerator, window, step, temperature, lr, grad_norm, epoch, state.unreadable, state.guard.skipped
             )
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
@@ -434,18 +440,18 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             and (step % train_args.eval_steps == 0 or step == train_args.max_train_steps)
         ):
             record = evaluate(step, *evaluation)
-            logger.info("step %d: dev loss %.4f, dev accuracy %.3f", step, record["dev_loss"], record["dev_accuracy"])
+            logger.info("step %d: %s", step, dev_summary(record))
 
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             state.unreadable = gather_unreadable(accelerator, state.unreadable)
-            checkpoint_state = {**position, "unreadable": sorted(state.unreadable)}
+            checkpoint_state = {**position, "unreadable": sorted(state.unreadable), **state.guard.counts()}
             save_checkpoint(accelerator, output_dir, step, checkpoint_state, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
     progress.close()
-    return False
+    return state.guard.finish(unwrapped)  # True: no final model (non-finite updates or weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +513,7 @@ def main(argv=None):
         stop.release()
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
+    state.guard.raise_if_stopped()
     return None if preempted else output_dir
 
 

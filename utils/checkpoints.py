@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from utils.numerics import nonfinite_tensors
+
 if TYPE_CHECKING:
     from utils.training import TrainingArguments
 
@@ -47,6 +49,14 @@ def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, tr
     A crash at any moment leaves either the previous checkpoints or the new one complete; the
     folder name only appears once training_state.json is written.
     """
+    # A model gone NaN must not become the newest checkpoint, nor push a good one out (accelerator._models:
+    # the prepared models that save_state writes).
+    bad = [name for model in accelerator._models for name in nonfinite_tensors(accelerator.unwrap_model(model))]
+    if bad:
+        raise SystemExit(
+            f"error: step {step}: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. {bad[0]}): no checkpoint "
+            f"written, the earlier ones in {output_dir}/checkpoints are kept"
+        )
     root = Path(output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -97,6 +107,9 @@ def load_checkpoint(accelerator, path: Path, train_args: TrainingArguments) -> d
 
 def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str] | None = None) -> None:
     """save_pretrained into a temporary sibling, then one rename: never half a model on disk."""
+    bad = nonfinite_tensors(model)
+    if bad:  # the training loop stops before this; a last guard for the model that is the result
+        raise SystemExit(f"error: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. {bad[0]}): {folder} not written")
     tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from utils.audio import TARGET_SAMPLE_RATE, normalize_waveform, read_mono, source_window, target_length
+from utils.numerics import require_finite_samples
 
 
 class _HandleCache:
@@ -191,6 +192,8 @@ class CropStream(torch.utils.data.IterableDataset):
             row = self.files[manifest][file_index]
             try:
                 crop = self._read_crop(row, rng, cache, stats)
+                # Normalising huge but finite samples can overflow too: check what the model gets.
+                crop = require_finite_samples(normalize_waveform(crop) if self.normalize else crop)
                 break
             except Exception as error:
                 bad.add((manifest, file_index))
@@ -199,7 +202,7 @@ class CropStream(torch.utils.data.IterableDataset):
                 new_bad.append(row["path"])
                 warnings.warn(f"skipping unreadable file {row['path']}: {error}", stacklevel=2)
         stats["crops"] += 1
-        return normalize_waveform(crop) if self.normalize else crop
+        return crop
 
     def _read_crop(self, row, rng, cache, stats) -> np.ndarray:
         audio = cache.get(row["path"])
@@ -213,6 +216,7 @@ class CropStream(torch.utils.data.IterableDataset):
                 raise OSError(
                     f"read {len(source)} of {window.src_stop - window.src_start} frames at frame {window.src_start}"
                 )
+            require_finite_samples(source, window.src_start / sr, sr)  # NaN or Inf: the file is skipped
             # Loudness of the crop measured on the source samples, so a rejected try is never resampled.
             core = source[window.offset * sr // TARGET_SAMPLE_RATE :][: self.crop_length * sr // TARGET_SAMPLE_RATE]
             rms = math.sqrt(float(np.dot(core, core)) / max(len(core), 1))

@@ -73,6 +73,10 @@ def greedy_decode(tokenizer, logits: torch.Tensor, frame_lengths) -> list[str]:
     return [" ".join(text.split()) for text in texts]
 
 
+# The scores that come from the model's outputs (the rest count the dev set), null when those are not finite.
+NONFINITE_NULLED = ["eval_wer", "eval_cer", "eval_word_substitutions", "eval_word_deletions", "eval_word_insertions"]
+
+
 def score_transcripts(refs: list[str], hyps: list[str]) -> dict:
     """WER and CER over all pairs at once (jiwer), with the counts behind them."""
     words, chars = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
@@ -96,7 +100,8 @@ def evaluate_ctc(
     pairs. Files that cannot be read join `unreadable` and are not scored; None if none could be read."""
     use_attention_mask = loaders.collate.use_attention_mask
     model.eval()
-    local, sums = [], torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss, target characters
+    # loss, target characters, batches whose logits hold NaN or Inf
+    local, sums = [], torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         for batch in loaders.dev():
             unreadable.update(path for path, _ in batch["failed"])
@@ -111,6 +116,7 @@ def evaluate_ctc(
                 [
                     ctc_loss_sum(logits, frames, labels, tokenizer.pad_token_id, True).double(),
                     (labels >= 0).sum().double(),
+                    (~torch.isfinite(logits)).any().double(),
                 ]
             )
             local += list(zip(batch["indices"], greedy_decode(tokenizer, logits, frames)))
@@ -121,11 +127,10 @@ def evaluate_ctc(
     if not scored:
         return None
     refs, hyps = [texts[i] for i in scored], [decoded[i] for i in scored]
-    return {
-        "eval_loss": (sums[0] / sums[1].clamp(min=1)).item(),
-        **score_transcripts(refs, hyps),
-        "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:examples], hyps[:examples])],
-    }
+    scores = {"eval_loss": (sums[0] / sums[1].clamp(min=1)).item(), **score_transcripts(refs, hyps)}
+    if sums[2] > 0:  # NaN logits still decode to some text, whose WER would look like a real (bad) one
+        scores.update(dict.fromkeys(["eval_loss", *NONFINITE_NULLED]))
+    return {**scores, "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:examples], hyps[:examples])]}
 
 
 def check_ctc_head(source: str, config, tokenizer, new_ctc_head: bool) -> None:

@@ -41,7 +41,8 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     name = train_args.hub_model_id or train_args.output_dir
     curve = (
         "\n".join(
-            f"| {r['step']:,} | {r['eval_wer']:.4f} | {r['eval_cer']:.4f} | {r['eval_loss']:.4f} |" for r in evals
+            f"| {r['step']:,} | {format_number(r['eval_wer'])} | {format_number(r['eval_cer'])} | {format_number(r['eval_loss'])} |"
+            for r in evals
         )
         or "| n/a | | | |"
     )
@@ -53,7 +54,8 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     chosen = (
         f"The weights are those of step {results['model_step']:,} of {results['train_steps']:,}: the evaluation with the lowest dev WER."
         if results["wer"] is not None
-        else f"The weights are those of the last step ({results['train_steps']:,}); there was no dev set."
+        else f"The weights are those of the last step ({results['train_steps']:,}); "
+        + ("no evaluation had finite outputs." if evals else "there was no dev set.")
     )
     model_index = hub_model_index(results, data_args, train_args.output_dir)
     hub_id = hub_base_model(base_model)

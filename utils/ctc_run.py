@@ -4,7 +4,7 @@ stores and a resumed run restores."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import Wav2Vec2ForCTC
@@ -13,6 +13,7 @@ from utils.batches import Loaders
 from utils.checkpoints import load_checkpoint, resolve_checkpoint
 from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments
 from utils.ctc_corpus import Corpus
+from utils.numerics import UpdateGuard
 
 
 @dataclass
@@ -39,10 +40,17 @@ class Progress:
     best: dict  # the evaluation of the best model so far, kept in OUTPUT_DIR/best
     unreadable: set[str]
     last_eval: dict | None = None
+    guard: UpdateGuard = field(default_factory=UpdateGuard)  # skips updates with a non-finite loss or gradient
 
     def checkpoint_state(self, vocab: dict) -> dict:
         """What a checkpoint stores besides the weights, optimizer, scheduler and RNG states."""
-        return {**self.position, "best": self.best, "unreadable": sorted(self.unreadable), "vocab": vocab}
+        return {
+            **self.position,
+            "best": self.best,
+            "unreadable": sorted(self.unreadable),
+            "vocab": vocab,
+            **self.guard.counts(),
+        }
 
 
 def resume(accelerator, output_dir: Path, train_args, vocab: dict) -> tuple[Progress, Path | None]:
@@ -62,5 +70,6 @@ def resume(accelerator, output_dir: Path, train_args, vocab: dict) -> tuple[Prog
         position={"epoch": state.get("epoch", 0), "batch_in_epoch": state.get("batch_in_epoch", 0)},
         best=state.get("best") or {},
         unreadable=set(state.get("unreadable", [])),
+        guard=UpdateGuard(train_args.max_consecutive_nonfinite, output_dir).restore(state),
     )
     return progress, checkpoint

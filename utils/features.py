@@ -150,6 +150,7 @@ class OutputFiles:
         self.writers: dict[int, FeatureWriter] = {}
         self.windows_left: dict[int, int] = {}
         self.failed_sources: set[str] = set()
+        self.failed_jobs: set[int] = set()
         self.rows: list[dict] = []
         self.failures: list[dict] = []
 
@@ -161,8 +162,12 @@ class OutputFiles:
 
     def add(self, item: dict, features: np.ndarray) -> None:
         job_id, job = item["job"]
-        if job.source in self.failed_sources:
-            return  # the file broke after this window was read
+        if job.source in self.failed_sources or job_id in self.failed_jobs:
+            return  # the file (or this output) failed after this window was read
+        if not np.isfinite(features).all():  # an fp16 overflow, or a model with NaN weights
+            reason = "non-finite features (NaN or Inf) from the model: an fp16 overflow (--dtype), or NaN weights"
+            self.fail({"source": job.source, "job": item["job"], "reason": reason})
+            return
         if job_id not in self.writers:
             metadata = {
                 "source": job.source,
@@ -202,8 +207,11 @@ class OutputFiles:
 
     def fail(self, item: dict) -> None:
         logger.warning("skipping %s: %s", item["source"], item["reason"])
-        if item["job"] is not None:  # one segment
-            job = item["job"][1]
+        if item["job"] is not None:  # one output: a segment, or a whole file's audio or features
+            job_id, job = item["job"]
+            self.failed_jobs.add(job_id)
+            if job_id in self.writers:
+                self.writers.pop(job_id).abort()
             self.failures.append(
                 {
                     "source": job.source,

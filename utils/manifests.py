@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from utils.audio import find_audio_files
+from utils.numerics import nonfinite_samples, scan_float_file
 
 # A crop quieter than this everywhere we probe it is treated as digital silence, not as a quiet room.
 DIGITAL_SILENCE_RMS = 1e-6
@@ -47,8 +48,14 @@ def probe_audio_file(
                 block = audio.read(probe, dtype="float32", always_2d=True)
                 if len(block) < probe:
                     return None, f"truncated: read {len(block)} of {probe} frames at frame {start}"
+                nonfinite = nonfinite_samples(block, start / sr, sr)
+                if nonfinite:
+                    return None, nonfinite
                 sum_sq += float(np.square(block, dtype=np.float64).sum())
                 count += block.size
+            nonfinite = scan_float_file(audio)  # a few NaN or Inf samples anywhere would poison training
+            if nonfinite:
+                return None, nonfinite
     except Exception as error:  # libsndfile raises several types; any of them means unreadable
         return None, f"unreadable: {str(error).strip() or type(error).__name__}"
     if math.sqrt(sum_sq / count) < DIGITAL_SILENCE_RMS:

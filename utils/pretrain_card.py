@@ -14,7 +14,7 @@ def plot_losses(log: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    dev = [(r["step"], r["dev_loss"]) for r in log if "dev_loss" in r]
+    dev = [(r["step"], r["dev_loss"]) for r in log if r.get("dev_loss") is not None]  # None: from NaN outputs
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from utils.cards import format_number
 from utils.crops import stream_totals
 from utils.training import gather_unreadable
 
@@ -44,8 +45,11 @@ class LogWindow:
         self.steps, self.start = 0, time.time()
 
 
-def train_row(accelerator, window: LogWindow, step, temperature, lr, grad_norm, epoch, unreadable: set[str]):
-    """The row for `step`, and the unreadable files of all processes."""
+def train_row(
+    accelerator, window: LogWindow, step, temperature, lr, grad_norm, epoch, unreadable: set[str], skipped=0
+):
+    """The row for `step`, and the unreadable files of all processes. `skipped`: the updates skipped
+    so far for a non-finite loss or gradient norm or an fp16 overflow (utils.numerics.UpdateGuard)."""
     totals = accelerator.reduce(window.sums, reduction="sum")
     stream = stream_totals(window.worker_stats)
     unreadable = gather_unreadable(accelerator, unreadable)
@@ -75,5 +79,11 @@ def train_row(accelerator, window: LogWindow, step, temperature, lr, grad_norm, 
         "crops_redrawn_silent": int(stream_global[1]),
         "crops_all_silent": int(stream_global[2]),
         "skipped_files": len(unreadable),
+        "skipped_updates": skipped,
     }
     return record, unreadable
+
+
+def dev_summary(record: dict) -> str:
+    """The dev row for the console; a figure computed from NaN is null."""
+    return f"dev loss {format_number(record['dev_loss'])}, dev accuracy {format_number(record['dev_accuracy'], 3)}"

@@ -42,6 +42,12 @@ class TrainingArguments:
         default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and norms."}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 turns it off."})
+    max_consecutive_nonfinite: int = field(
+        default=20,
+        metadata={
+            "help": "Stop after this many updates in a row skipped for a NaN/Inf loss or gradient (or fp16 overflow)."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
@@ -82,6 +88,7 @@ ARGUMENT_MINIMUMS = {
     "dev_crops_per_file": 1,
     "num_negatives": 1,
     "max_grad_norm": 0,
+    "max_consecutive_nonfinite": 1,
 }
 
 

@@ -21,6 +21,7 @@ import torch
 
 from utils.audio import load_audio, normalize_waveform, read_resampled, target_length
 from utils.manifests import DEFAULT_PARTICIPANT_REGEX, read_tsv, split_by_participant
+from utils.numerics import nonfinite_samples
 from utils.vocabulary import normalize_text
 
 if TYPE_CHECKING:
@@ -230,6 +231,9 @@ class UtteranceDataset(torch.utils.data.Dataset):
             audio = read_utterance(row, self.dataset_splits, self.audio_column)
         except Exception as error:
             return {"index": index, "error": (row["path"], str(error).strip() or type(error).__name__)}
+        nonfinite = nonfinite_samples(audio, row.get("start") or 0.0)  # skipped and counted like an unreadable file
+        if nonfinite:
+            return {"index": index, "error": (row["path"], nonfinite)}
         if self.normalize:
             audio = normalize_waveform(audio)
         return {"index": index, "input_values": audio, "labels": row["labels"]}

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, normalize_waveform, read_resampled, target_length
+from utils.numerics import nonfinite_samples
 from utils.segments import Job
 
 
@@ -130,6 +131,10 @@ class WindowReader(torch.utils.data.IterableDataset):
             return
         for window in windows:
             samples = read_resampled(audio, window.start, window.length, strict=True)
+            nonfinite = nonfinite_samples(samples, window.start / TARGET_SAMPLE_RATE)
+            if nonfinite:  # the features would all be NaN: this output fails, the file's others go on
+                yield {"source": job.source, "job": (job_id, job), "reason": nonfinite}
+                return
             if self.normalize:
                 samples = normalize_waveform(samples)
             yield {
