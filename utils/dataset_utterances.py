@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from utils.hf_datasets import (
     check_distinct_splits,
+    column_stream,
     examples,
     is_stream,
     load_undecoded,
@@ -107,10 +108,11 @@ def dataset_rows(data: DataArguments, name: str, split, keep_audio: bool) -> tup
 def streamed_transcripts(data: DataArguments, split) -> dict:
     """The row that stands for a streamed train split: every character of its transcripts (what
     the vocabulary is built from), the number of utterances and participants. Reads the
-    transcripts once (and, for formats that cannot read one column alone, the audio too)."""
+    transcripts once (and the audio too, in formats that cannot read a column alone)."""
     logger.info("reading the transcripts of the streamed split %r once, for the vocabulary", data.train_split_name)
+    columns = [data.text_column_name, data.participant_column_name]
     characters, participants, count = set(), set(), 0
-    for index, example in examples(split, [data.text_column_name, data.participant_column_name]):
+    for index, example in examples(column_stream(data, data.train_split_name, columns) or split, columns):
         row = {"text": example[data.text_column_name] or "", "path": f"{data.train_split_name}[{index}]"}
         check_transcripts(
             [{**row, "where": f"--dataset_name {data.dataset_name} split {data.train_split_name!r}, example {index}"}],

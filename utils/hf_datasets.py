@@ -93,6 +93,21 @@ def load_undecoded(data, split: str, columns: list[str], streaming: bool = False
     return dataset
 
 
+def column_stream(data, split: str, columns: list[str]):
+    """A streamed split that reads only `columns`, where its format can (parquet: the audio is
+    then not downloaded); None where it cannot."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(
+            data.dataset_name, data.dataset_config_name, split=split, streaming=True, columns=[c for c in columns if c]
+        )
+    except ValueError as error:
+        if "'columns'" in str(error):  # "BuilderConfig ... doesn't have a 'columns' key"
+            return None
+        raise
+
+
 def first_line(error) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 

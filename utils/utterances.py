@@ -1,10 +1,11 @@
 """The labelled utterances of CTC fine-tuning: manifests (path, text, optional start/end and
-participant) or a Hugging Face dataset, their durations from file headers, normalised transcripts,
-the dev split by participant, and the Dataset and Collator that read and pad them.
+participant; rows of a Hugging Face dataset come from utils.dataset_utterances), their durations
+from file headers, normalised transcripts, the dev split by participant, and the Dataset and
+Collator that read and pad them.
 
 An utterance is a dict: path, text, start/end in seconds (None for a whole file), participant,
 where (the manifest line, for error messages), duration; rows of a dataset also carry split and
-index. Unreadable files are returned apart (with a reason) or, during training, reported by the
+index (and, from a streamed split, their audio). Unreadable files are returned apart (with a reason) or, during training, reported by the
 Dataset instead of raised: they are skipped and counted, never fatal.
 """
 
