@@ -89,7 +89,9 @@ def load_rows(data: DataArguments, output_dir: Path, is_main: bool, seed: int):
     """Returns ([(train rows, weight)], train names, dev rows or None)."""
     if data.audio_dir or data.dataset_name:
         if data.train_manifest or data.dev_manifest or (data.audio_dir and data.dataset_name):
-            raise ValueError("give one of --audio_dir, --dataset_name or --train_manifest/--dev_manifest")
+            raise ValueError(
+                "give either --audio_dir or --train_manifest/--dev_manifest, not both (or --dataset_name alone)"
+            )
         if data.dataset_name:  # its eval split, or participants split off (utils/dataset_recordings.py)
             train, dev, invalid = dataset_recordings(data, seed)
         else:
