@@ -189,6 +189,12 @@ def test_streamed_splits_are_read_with_soundfile_and_resume_exactly(tmp_path, hf
         np.testing.assert_array_equal(item["input_values"], load_audio(source)[: len(item["input_values"])])
         assert len(item["input_values"]) == target_length(sf.info(str(source)).frames, sf.info(str(source)).samplerate)
     assert [[i["labels"] for i in b] for b in batches[7:]] != [[i["labels"] for i in b] for b in batches[:7]]
+    shares = []  # two processes: each reads its own half of the stream
+    for rank in (0, 1):
+        share = UtteranceStream(splits["train"], data, tokenizer, (400, 320), False, 2, 3, rank=rank, world_size=2)
+        planned = [item for _, batch in zip(range(7), share.planned_batches()) for item in batch]
+        shares.append({by_labels[tuple(item["labels"])] for item in planned})
+    assert len(shares[0]) == len(shares[1]) == 5 and shares[0] | shares[1] == set(by_labels.values())
     stream.start_at(5)
     resumed = [b for _, b in zip(range(9), stream)]
     for expected, got in zip(batches[5:], resumed, strict=True):

@@ -71,9 +71,9 @@ class UtteranceStream(torch.utils.data.IterableDataset):
         epoch = 0
         while True:
             dataset = self.dataset.shuffle(seed=self.seed, buffer_size=self.buffer_size)
-            dataset.set_epoch(epoch)
             if self.world_size > 1:
                 dataset = split_dataset_by_node(dataset, self.rank, self.world_size)
+            dataset.set_epoch(epoch)  # the shuffle's seed is seed + epoch, the same on every process
             served = 0
             for position, example in examples(dataset, [self.audio_column, self.text_column]):
                 served += 1
