@@ -8,14 +8,11 @@ Which split is dev: the eval split, or whole participants split off the train sp
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 from pathlib import Path
 
 import soundfile as sf
-
-logger = logging.getLogger(__name__)
 
 MISSING_SPLIT = re.compile(r"^(Unknown split|Bad split)")
 
