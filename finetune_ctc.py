@@ -42,6 +42,7 @@ from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArgume
 from utils.ctc_card import eval_results, model_card
 from utils.ctc_corpus import Corpus, select_training_utterances, summarize_data, write_split
 from utils.ctc_run import Progress, Run, resume
+from utils.dataset_utterances import dataset_utterances
 from utils.training import (
     StopSignal,
     append_jsonl,
@@ -54,7 +55,7 @@ from utils.training import (
     read_jsonl,
     start_train_log,
 )
-from utils.utterances import dataset_utterances, manifest_utterances
+from utils.utterances import manifest_utterances
 from utils.vocabulary import load_tokenizer
 
 logger = logging.getLogger("finetune_ctc")
@@ -97,7 +98,7 @@ def load_corpus(model_args, data_args, seed: int) -> Corpus:
     dataset_splits = None
     try:
         if data_args.dataset_name:
-            train_rows, dev_rows, unreadable_rows, dev_origin, dataset_splits = dataset_utterances(data_args)
+            train_rows, dev_rows, unreadable_rows, dev_origin, dataset_splits = dataset_utterances(data_args, seed)
         else:
             train_rows, dev_rows, unreadable_rows, dev_origin = manifest_utterances(data_args, seed)
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, train_rows, dev_rows)

@@ -26,6 +26,7 @@ from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
 from utils.cards import push_folder_to_hub
 from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.crops import CropStream
+from utils.dataset_recordings import dataset_recordings
 from utils.manifests import (
     parse_weighted_manifests,
     read_manifest,
@@ -87,18 +88,24 @@ def parse_arguments(argv=None) -> Arguments:
 
 def load_rows(data: DataArguments, output_dir: Path, is_main: bool, seed: int):
     """Returns ([(train rows, weight)], train names, dev rows or None)."""
-    if data.audio_dir:
-        if data.train_manifest or data.dev_manifest:
-            raise ValueError("give either --audio_dir or --train_manifest/--dev_manifest, not both")
-        valid, invalid = scan_audio_folder(data.audio_dir, data.participant_regex)
+    if data.audio_dir or data.dataset_name:
+        if data.train_manifest or data.dev_manifest or (data.audio_dir and data.dataset_name):
+            raise ValueError(
+                "give either --audio_dir or --train_manifest/--dev_manifest, not both (or --dataset_name alone)"
+            )
+        if data.dataset_name:  # its eval split, or participants split off (utils/dataset_recordings.py)
+            train, dev, invalid = dataset_recordings(data, seed)
+        else:
+            valid, invalid = scan_audio_folder(data.audio_dir, data.participant_regex)
+            train, dev = split_by_participant(valid, data.dev_fraction, seed)
         for bad in invalid:
             logger.warning("leaving out %s: %s", bad["path"], bad["reason"])
-        train, dev = split_by_participant(valid, data.dev_fraction, seed)
         if is_main:  # the split that was used, as data/prepare_manifest.py writes it, for the card and for reruns
             write_manifests(output_dir / "manifests", train, dev, invalid)
-        return [(train, 1.0)], [f"--audio_dir {data.audio_dir} (train split)"], dev or None
+        source = f"--dataset_name {data.dataset_name}" if data.dataset_name else f"--audio_dir {data.audio_dir}"
+        return [(train, 1.0)], [f"{source} (train split)"], dev or None
     if not data.train_manifest:
-        raise ValueError("give --train_manifest (TSV from data/prepare_manifest.py) or --audio_dir")
+        raise ValueError("give --train_manifest (TSV from data/prepare_manifest.py), --audio_dir or --dataset_name")
     train = [(read_manifest(path), weight) for path, weight in parse_weighted_manifests(data.train_manifest)]
     names = [path for path, _ in parse_weighted_manifests(data.train_manifest)]
     dev = None

@@ -323,8 +323,9 @@ def test_hf_dataset_with_stereo_44k_file_and_attention_mask_model(labelled, tmp_
     import finetune_ctc
     from utils.audio import load_audio
     from utils.ctc_arguments import DataArguments
+    from utils.dataset_utterances import dataset_utterances
     from utils.manifests import read_tsv
-    from utils.utterances import dataset_utterances, read_utterance
+    from utils.utterances import read_utterance
 
     rows = [r for r in read_tsv(labelled / "train.tsv", ["path", "text"]) if not r["start"]]
     stereo = [r for r in rows if r["path"].endswith(".flac")]

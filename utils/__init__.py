@@ -7,16 +7,20 @@ Every script
   checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
   cards              model-card figures, software versions, hardware; the Hub push
   numerics           NaN/Inf guards: audio samples, skipped updates and their count, weights, null metrics
+  hf_datasets        Hugging Face datasets without torchcodec: load (hub, folders, save_to_disk, streams), undecoded audio
 pretrain.py
   pretrain_arguments its flags
   crops              CropStream: silence-filtered random crops of long recordings
+  dataset_recordings the recordings of a Hugging Face dataset as manifest rows, read in place
   objective          masks and negatives per crop, feature penalty, contrastive accuracy, Gumbel schedule
   pretrain_log       the train-log rows
   pretrain_card      the loss curve and the model card
 finetune_ctc.py, transcribe.py
   ctc_arguments      its flags
   vocabulary         transcript normalisation, the character vocabulary and tokenizer
-  utterances         labelled utterances from manifests or a Hugging Face dataset; dataset and collator
+  utterances         labelled utterances from manifests; dataset and collator
+  dataset_utterances labelled utterances from a Hugging Face dataset; the dev split
+  utterance_stream   training batches from a streamed dataset (--dataset_streaming)
   ctc_corpus         what is left out of training and why; the data figures
   batches            length-grouped batches, a pure function of (seed, epoch); the loaders
   ctc                CTC loss, SpecAugment on real frames, greedy decoding, WER/CER evaluation, long-file transcription

@@ -111,11 +111,7 @@ def _vorbis_last_page_start(audio: sf.SoundFile) -> int:
     """Frame at which the last Ogg page's samples begin (the previous page's granule position),
     parsed from the file's tail; the file's length when it cannot be parsed (plain seeks then)."""
     try:
-        with open(audio.name, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            n = min(size, 2 * _OGG_MAX_PAGE_BYTES + 27)
-            f.seek(size - n)
-            tail = f.read(n)
+        tail = _file_tail(audio.name, 2 * _OGG_MAX_PAGE_BYTES + 27)
     except (OSError, TypeError):
         return audio.frames
     pages = {}  # end offset -> (start offset, granule position), for every well-formed page in the tail
@@ -135,6 +131,21 @@ def _vorbis_last_page_start(audio: sf.SoundFile) -> int:
         if walked > 1 and granule >= 0:
             return min(granule, audio.frames)
     return audio.frames
+
+
+def _file_tail(source, n: int) -> bytes:
+    """The last `n` bytes (or all) of a file: a path, or a file object libsndfile reads from (a
+    recording kept in a dataset's Arrow file), which is put back where it was."""
+    if not hasattr(source, "seek"):
+        with open(source, "rb") as f:
+            return _file_tail(f, n)
+    position = source.tell()
+    try:
+        size = source.seek(0, os.SEEK_END)
+        source.seek(size - min(size, n))
+        return source.read(n)
+    finally:
+        source.seek(position)
 
 
 def _to_mono(frames: np.ndarray) -> np.ndarray:

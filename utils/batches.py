@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from utils.audio import conv_geometry
 from utils.ctc import samples_for_frames
+from utils.hf_datasets import is_stream
 from utils.training import make_loader
+from utils.utterance_stream import StreamPlan, UtteranceStream
 from utils.utterances import Collator, UtteranceDataset
 
 if TYPE_CHECKING:
@@ -110,14 +113,17 @@ class Loaders:
     batches (a plan over all epochs) and of the dev batches."""
 
     collate: Collator
-    train_set: UtteranceDataset
+    train_set: UtteranceDataset | UtteranceStream
     dev_set: UtteranceDataset
-    plan: BatchPlan
+    plan: BatchPlan | StreamPlan
     dev_batches: list[list[int]]
     num_workers: int
 
     def train(self, epoch: int, batch: int):
         """Training batches forever, from the given position on."""
+        if isinstance(self.plan, StreamPlan):  # a stream is read in order, by one worker
+            self.train_set.start_at(batch)
+            return make_loader(self.train_set, min(self.num_workers, 1), batch_size=None, collate_fn=self.collate)
         sampler = PlanSampler(self.plan, epoch, batch)
         return make_loader(self.train_set, self.num_workers, batch_sampler=sampler, collate_fn=self.collate)
 
@@ -141,16 +147,32 @@ def make_loaders(
     normalize = bool(corpus.processor.feature_extractor.do_normalize)
     train_set = UtteranceDataset(corpus.train_rows, normalize, corpus.dataset_splits, data_args.audio_column_name)
     dev_set = UtteranceDataset(corpus.dev_rows, normalize, corpus.dataset_splits, data_args.audio_column_name)
+    stream = (corpus.dataset_splits or {}).get(data_args.train_split_name)
     try:
-        plan = BatchPlan(
-            [r["duration"] for r in corpus.train_rows],
-            train_args.per_device_train_batch_size,
-            train_args.seed,
-            data_args.max_duration_seconds,
-            data_args.group_by_length,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+        if is_stream(stream):
+            train_set = UtteranceStream(
+                stream,
+                data_args,
+                corpus.tokenizer,
+                conv_geometry(model_config),
+                normalize,
+                train_args.per_device_train_batch_size,
+                train_args.seed,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+            utterances = corpus.train_rows[0]["streamed"]["utterances"]
+            plan = StreamPlan(utterances, train_args.per_device_train_batch_size, accelerator.num_processes)
+        else:
+            plan = BatchPlan(
+                [r["duration"] for r in corpus.train_rows],
+                train_args.per_device_train_batch_size,
+                train_args.seed,
+                data_args.max_duration_seconds,
+                data_args.group_by_length,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     dev_batches = plan_dev_batches(

@@ -20,10 +20,13 @@ class _HandleCache:
     def __init__(self, capacity: int = 64):
         self.capacity, self.handles = capacity, OrderedDict()
 
-    def get(self, path: str) -> sf.SoundFile:
+    def get(self, row: dict) -> sf.SoundFile:
+        """The open recording of a manifest row: its file, or (a row with a `reader`, utils.dataset_recordings)
+        a recording kept in a dataset."""
+        path = row["path"]
         audio = self.handles.pop(path, None)
         if audio is None:
-            audio = sf.SoundFile(path)
+            audio = row["reader"].open(row["index"]) if "reader" in row else sf.SoundFile(path)
             if len(self.handles) >= self.capacity:
                 self.handles.popitem(last=False)[1].close()
         self.handles[path] = audio
@@ -205,7 +208,7 @@ class CropStream(torch.utils.data.IterableDataset):
         return crop
 
     def _read_crop(self, row, rng, cache, stats) -> np.ndarray:
-        audio = cache.get(row["path"])
+        audio = cache.get(row)
         sr, frames = int(row["sample_rate"]), int(row["num_frames"])
         span = target_length(frames, sr) - self.crop_length
         best, best_rms = None, -1.0

@@ -84,17 +84,38 @@ class DataArguments:
     dev_fraction: float = field(
         default=0.1,
         metadata={
-            "help": "Without --dev_manifest: share of the train audio hours (whole participants) used for dev; 0 for no dev set."
+            "help": "Without --dev_manifest (or a dataset's eval split): share of the train audio hours (whole participants) used for dev; 0 for no dev set."
         },
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Instead of manifests: a Hugging Face dataset (hub id or local folder)."}
+        default=None,
+        metadata={
+            "help": "Instead of manifests: a Hugging Face dataset (hub id, local folder such as an audiofolder, or a save_to_disk folder)."
+        },
     )
     dataset_config_name: str | None = field(default=None)
     train_split_name: str = field(default="train")
-    eval_split_name: str = field(default="validation")
+    eval_split_name: str = field(
+        default="validation",
+        metadata={
+            "help": "Dev split; a dataset without it (or naming the train split here) has whole participants split off by --dev_fraction."
+        },
+    )
     audio_column_name: str = field(default="audio")
     text_column_name: str = field(default="text")
+    participant_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Speaker/participant column: a dev set split off the train split never shares one."},
+    )
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the train split as a stream while training (corpora larger than the disk); the eval split is read once."
+        },
+    )
+    stream_shuffle_buffer: int = field(
+        default=1000, metadata={"help": "With --dataset_streaming: examples shuffled together as the stream is read."}
+    )
     chars_to_ignore: str = field(
         default=DEFAULT_CHARS_TO_IGNORE,
         metadata={"help": "Characters deleted from transcripts (all of the string's characters)."},

@@ -88,10 +88,10 @@ Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); t
 | Statistic | Value |
 |---|---|
 | Source | {data_source} |
-| Train utterances | {results["train_utterances"]:,} ({results["train_hours"]:.3f} h, {results["train_participants"]} participants) |
+| Train utterances | {results["train_utterances"]:,} ({format_number(results["train_hours"], 3)} h, {results["train_participants"]} participants) |
 | Dev utterances | {results["dev_utterances"]:,} ({results["dev_hours"]:.3f} h, {results["dev_participants"]} participants) |
-| Longer than {data_args.max_duration_seconds:g} s (train) | {results["long_train_utterances"]} ({"trained alone" if data_args.long_utterances == "alone" else "left out"}) |
-| Too short for their transcript (train, left out) | {results["too_short_train_utterances"]} |
+| Longer than {data_args.max_duration_seconds:g} s (train) | {format_number(results["long_train_utterances"])} ({"trained alone" if data_args.long_utterances == "alone" else "left out"}) |
+| Too short for their transcript (train, left out) | {format_number(results["too_short_train_utterances"])} |
 | Unreadable files skipped | {results["unreadable_at_start"] + len(results["unreadable_files_skipped"])} |
 
 ## Training hyperparameters

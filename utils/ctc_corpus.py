@@ -49,6 +49,10 @@ def select_training_utterances(corpus: Corpus, data: DataArguments) -> tuple[lis
             "dev transcripts have characters the training transcripts lack (scored as errors): %s",
             describe_characters(unseen),
         )
+    if not corpus.dev_rows:
+        logger.warning("no dev set: nothing is evaluated and the last model is saved")
+    if corpus.train_rows and "streamed" in corpus.train_rows[0]:
+        return [], []  # utils.utterance_stream leaves out and counts as it reads
     long_train = [r for r in corpus.train_rows if r["duration"] > max_duration_seconds]
     if long_train:
         logger.warning(
@@ -81,8 +85,6 @@ def select_training_utterances(corpus: Corpus, data: DataArguments) -> tuple[lis
         corpus.train_rows = [r for r, ok in zip(corpus.train_rows, fits) if ok]
     if not corpus.train_rows:
         raise SystemExit("error: no training utterance left (see the warnings above)")
-    if not corpus.dev_rows:
-        logger.warning("no dev set: nothing is evaluated and the last model is saved")
     return long_train, too_short
 
 
@@ -94,17 +96,21 @@ def write_split(corpus: Corpus, folder: Path) -> None:
 
 def summarize_data(corpus: Corpus, data: DataArguments, long_train: list[dict], too_short: list[dict]) -> dict:
     train_rows, dev_rows = corpus.train_rows, corpus.dev_rows
+    # A streamed split: its hours and left-out utterances are not known ahead.
+    streamed = train_rows and train_rows[0].get("streamed")
     return {
-        "train_utterances": len(train_rows),
-        "train_hours": round(sum(r["duration"] for r in train_rows) / 3600, 4),
-        "train_participants": len({r["participant"] for r in train_rows if r["participant"]}),
+        "train_utterances": streamed["utterances"] if streamed else len(train_rows),
+        "train_hours": None if streamed else round(sum(r["duration"] for r in train_rows) / 3600, 4),
+        "train_participants": streamed["participants"]
+        if streamed
+        else len({r["participant"] for r in train_rows if r["participant"]}),
         "dev_utterances": len(dev_rows),
         "dev_hours": round(sum(r["duration"] for r in dev_rows) / 3600, 4),
         "dev_participants": len({r["participant"] for r in dev_rows if r["participant"]}),
         "dev_set": corpus.dev_origin,
-        "long_train_utterances": len(long_train),
+        "long_train_utterances": None if streamed else len(long_train),
         "long_utterance_policy": data.long_utterances,
-        "too_short_train_utterances": len(too_short),
+        "too_short_train_utterances": None if streamed else len(too_short),
         "unreadable_at_start": len(corpus.unreadable_rows),
         "vocab_size": len(corpus.vocab),
     }

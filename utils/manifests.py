@@ -29,11 +29,12 @@ DEFAULT_PARTICIPANT_REGEX = r"^([A-Za-z0-9]+)[_.-]"
 
 
 def probe_audio_file(
-    path: Path, min_seconds: float = 0.0, num_probes: int = 8, probe_seconds: float = 0.25
+    path: Path, min_seconds: float = 0.0, num_probes: int = 8, probe_seconds: float = 0.25, opener=None
 ) -> tuple[dict | None, str | None]:
-    """Validate a file from its header and a few short reads. Returns (row, None) or (None, reason)."""
+    """Validate a file from its header and a few short reads. Returns (row, None) or (None, reason).
+    `opener()`, if given, opens the recording (one kept in a dataset); `path` then only names it."""
     try:
-        with sf.SoundFile(str(path)) as audio:
+        with opener() if opener else sf.SoundFile(str(path)) as audio:
             sr, frames, channels = audio.samplerate, audio.frames, audio.channels
             if frames <= 0:
                 return None, "zero length"

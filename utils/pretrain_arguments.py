@@ -48,11 +48,33 @@ class DataArguments:
     audio_dir: str | None = field(
         default=None, metadata={"help": "Instead of manifests: scan this folder and split it by participant."}
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of manifests: a Hugging Face dataset of recordings (hub id, local folder such as an audiofolder, or a save_to_disk folder)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None)
+    train_split_name: str = field(default="train")
+    eval_split_name: str = field(
+        default="validation",
+        metadata={
+            "help": "Dev split; without it (or naming the train split) participants are split off by --dev_fraction."
+        },
+    )
+    audio_column_name: str = field(default="audio")
+    participant_column_name: str | None = field(
+        default=None, metadata={"help": "With --dataset_name: the participant column (else --participant_regex)."}
+    )
     participant_regex: str = field(
         default=DEFAULT_PARTICIPANT_REGEX,
-        metadata={"help": "With --audio_dir: regex whose first group is the participant id."},
+        metadata={
+            "help": "With --audio_dir (or --dataset_name without --participant_column_name): regex on the file name whose first group is the participant id."
+        },
     )
-    dev_fraction: float = field(default=0.1, metadata={"help": "With --audio_dir: share of audio hours for dev."})
+    dev_fraction: float = field(
+        default=0.1, metadata={"help": "With --audio_dir or --dataset_name: share of audio hours for dev."}
+    )
     crop_seconds: float = field(default=8.0)
     min_rms: float = field(default=0.001, metadata={"help": "Crops quieter than this are redrawn."})
     max_crop_retries: int = field(default=10)

@@ -1,16 +1,16 @@
 """The labelled utterances of CTC fine-tuning: manifests (path, text, optional start/end and
-participant) or a Hugging Face dataset, their durations from file headers, normalised transcripts,
-the dev split by participant, and the Dataset and Collator that read and pad them.
+participant; rows of a Hugging Face dataset come from utils.dataset_utterances), their durations
+from file headers, normalised transcripts, the dev split by participant, and the Dataset and
+Collator that read and pad them.
 
 An utterance is a dict: path, text, start/end in seconds (None for a whole file), participant,
 where (the manifest line, for error messages), duration; rows of a dataset also carry split and
-index. Unreadable files are returned apart (with a reason) or, during training, reported by the
+index (and, from a streamed split, their audio). Unreadable files are returned apart (with a reason) or, during training, reported by the
 Dataset instead of raised: they are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 
 from utils.audio import load_audio, normalize_waveform, read_resampled, target_length
+from utils.hf_datasets import open_audio_value
 from utils.manifests import DEFAULT_PARTICIPANT_REGEX, read_tsv, split_by_participant
 from utils.numerics import nonfinite_samples
 from utils.vocabulary import normalize_text
@@ -133,81 +134,11 @@ def manifest_utterances(data: DataArguments, seed: int) -> tuple[list[dict], lis
     return train, dev, bad_train + bad_dev, how
 
 
-def dataset_utterances(data: DataArguments):
-    """(train rows, dev rows, unreadable rows, how dev was chosen, {split: dataset}) from a HF dataset.
-
-    The audio column is cast to undecoded bytes/paths: decoding happens here with soundfile
-    (datasets' own decoding needs torchcodec, which pins torch versions).
-    """
-    from datasets import Audio, load_dataset
-
-    splits = {}
-    for name in (data.train_split_name, data.eval_split_name):
-        try:
-            split = load_dataset(data.dataset_name, data.dataset_config_name, split=name)
-        except ValueError as error:
-            raise ValueError(
-                f"--dataset_name {data.dataset_name}: cannot load split {name!r} ({error}); set --train_split_name/--eval_split_name"
-            ) from None
-        for column, flag in (
-            (data.audio_column_name, "--audio_column_name"),
-            (data.text_column_name, "--text_column_name"),
-        ):
-            if column not in split.column_names:
-                raise ValueError(
-                    f"--dataset_name {data.dataset_name} split {name!r} has no column {column!r} ({flag}); it has {split.column_names}"
-                )
-        if isinstance(split.features[data.audio_column_name], Audio):
-            split = split.cast_column(data.audio_column_name, Audio(decode=False))
-        splits[name] = split
-    rows_by_split, unreadable = {}, []
-    for name, split in splits.items():
-        rows = []
-        texts = list(split[data.text_column_name])
-        audio_only = split.select_columns([data.audio_column_name])
-        splits[name] = audio_only  # what the DataLoader workers read from
-        values = (value for chunk in audio_only.iter(batch_size=256) for value in chunk[data.audio_column_name])
-        for index, audio in enumerate(values):
-            where = f"--dataset_name {data.dataset_name} split {name!r}, row {index}"
-            label = (audio.get("path") if isinstance(audio, dict) else audio) or f"{name}[{index}]"
-            row = {
-                "path": str(label),
-                "where": where,
-                "text": texts[index] or "",
-                "start": None,
-                "end": None,
-                "participant": None,
-                "split": name,
-                "index": index,
-            }
-            try:
-                with open_dataset_audio(audio) as f:
-                    row["duration"] = f.frames / f.samplerate
-                rows.append(row)
-            except Exception as error:
-                unreadable.append({**row, "reason": f"unreadable: {str(error).strip() or type(error).__name__}"})
-        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case)
-        rows_by_split[name] = rows
-    how = f"--dataset_name {data.dataset_name} split {data.eval_split_name!r}"
-    return rows_by_split[data.train_split_name], rows_by_split[data.eval_split_name], unreadable, how, splits
-
-
-def open_dataset_audio(audio) -> sf.SoundFile:
-    """A datasets audio value ({'bytes', 'path'} or a path) as an open SoundFile."""
-    if isinstance(audio, dict):
-        if audio.get("bytes"):
-            return sf.SoundFile(io.BytesIO(audio["bytes"]))
-        audio = audio.get("path")
-    if not audio:
-        raise ValueError("no audio bytes and no path")
-    return sf.SoundFile(str(audio))
-
-
 def read_utterance(row: dict, dataset_splits: dict | None = None, audio_column: str = "audio") -> np.ndarray:
     """16 kHz mono float32 samples of one utterance: a seeking read of its region of the file."""
     if "index" in row:
-        audio = dataset_splits[row["split"]][row["index"]][audio_column]
-        with open_dataset_audio(audio) as f:
+        audio = row["audio"] if "audio" in row else dataset_splits[row["split"]][row["index"]][audio_column]
+        with open_audio_value(audio) as f:
             return read_resampled(f, 0, target_length(f.frames, f.samplerate))
     return load_audio(row["path"], row["start"] or 0.0, row["end"])
 
