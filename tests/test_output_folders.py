@@ -102,6 +102,7 @@ def test_resume_latest_without_a_checkpoint_does_not_replace_a_finished_model(re
 
 
 def test_claims_of_a_fresh_folder_and_of_user_files_only(tmp_path):
+    from utils.pretrain_arguments import DataArguments
     from utils.run_folder import claim_output_dir, run_entries, script_of_run
     from utils.training import TrainingArguments
 
@@ -120,6 +121,13 @@ def test_claims_of_a_fresh_folder_and_of_user_files_only(tmp_path):
     assert [p.name for p in run_entries(out)] == ["best", "config.json"] and script_of_run(out) == "finetune_ctc.py"
     with pytest.raises(SystemExit, match="holds a finetune_ctc.py run"):
         claim_output_dir(OneProcess(), "pretrain.py", [TrainingArguments(output_dir=str(out))])
+    (out / "best" / "train.tsv").write_text("path\tparticipant\n")  # a manifest kept in the run's folder
+    data = DataArguments(train_manifest=f"{tmp_path}/elsewhere.tsv:0.5,{out}/best/train.tsv:0.5")
+    with pytest.raises(SystemExit, match=f"--overwrite_output_dir would delete --train_manifest {out}/best/train.tsv"):
+        claim_output_dir(
+            OneProcess(), "pretrain.py", [data, TrainingArguments(output_dir=str(out), overwrite_output_dir=True)]
+        )
+    (out / "best" / "train.tsv").unlink()
     claim_output_dir(OneProcess(), "pretrain.py", [TrainingArguments(output_dir=str(out), overwrite_output_dir=True)])
     assert sorted(p.name for p in out.iterdir()) == ["slurm-123.out"]
 
