@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -62,21 +63,23 @@ def script_of_run(folder: Path) -> str | None:
     return None
 
 
-def input_paths(groups) -> dict[str, Path]:
-    """{--flag: resolved path} for every flag of the argument groups naming an existing file or folder
-    (each of a weighted manifest list 'a.tsv:0.7,b.tsv:0.3'), output_dir aside."""
-    found = {}
+# The flags that name files or folders a run reads.
+PATH_FLAG_ENDINGS = ("_manifest", "_or_path", "_dir", "config_name", "dataset_name", "resume_from_checkpoint")
+
+
+def input_paths(groups) -> list[tuple[str, Path]]:
+    """(--flag, resolved path) for each existing file or folder the argument groups name (each of a
+    weighted manifest list 'a.tsv:0.7,b.tsv:0.3'), output_dir aside."""
+    found = []
     for group in groups:
-        if not is_dataclass(group):
-            continue
-        for item in fields(group):
+        for item in fields(group) if is_dataclass(group) else ():
             value = getattr(group, item.name)
-            if item.name == "output_dir" or not isinstance(value, str):
+            if item.name == "output_dir" or not item.name.endswith(PATH_FLAG_ENDINGS) or not isinstance(value, str):
                 continue
-            for part in value.split(","):
-                path = Path(part.strip().rsplit(":", 1)[0] if ":" in part else part.strip())
-                if part.strip() and path.exists():
-                    found[f"--{item.name}"] = path.resolve()
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                path = Path(re.sub(r":[\d.]+$", "", part))
+                if path.exists():
+                    found.append((f"--{item.name}", path.resolve()))
     return found
 
 
@@ -95,7 +98,7 @@ def claim_output_dir(accelerator, script: str, groups) -> None:
     held = f"--output_dir {output_dir} already holds a {owner or 'training'} run ({names})"
     if train_args.overwrite_output_dir:
         doomed = {p.resolve() for p in entries}
-        for flag, path in input_paths(groups).items():
+        for flag, path in input_paths(groups):
             if any(path == d or d in path.parents for d in doomed) or path == output_dir.resolve():
                 raise SystemExit(f"error: {held}: --overwrite_output_dir would delete {flag} {path}")
         accelerator.wait_for_everyone()  # every process has looked before the main one removes
