@@ -86,44 +86,49 @@ def input_paths(groups) -> list[tuple[str, Path]]:
 def claim_output_dir(accelerator, script: str, groups) -> None:
     """Refuse an OUTPUT_DIR that holds another run, unless --resume_from_checkpoint continues it or
     --overwrite_output_dir replaces it (the old run's files removed first, so nothing is mixed).
-    `groups` are the script's argument dataclasses (one of them the TrainingArguments)."""
-    from utils.checkpoints import list_checkpoints
-
+    `groups` are the script's argument dataclasses (one of them the TrainingArguments). Every
+    process looks before any writes, so all of them reach the same verdict."""
     train_args = next(g for g in groups if hasattr(g, "overwrite_output_dir"))
     output_dir = Path(train_args.output_dir)
     entries = run_entries(output_dir)
-    if not entries:
-        return
+    problem = output_dir_problem(output_dir, entries, script, groups, train_args) if entries else None
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    accelerator.wait_for_everyone()
+    if entries and train_args.overwrite_output_dir and accelerator.is_main_process:
+        logger.warning(
+            "--overwrite_output_dir: removing the earlier run in %s: %s",
+            output_dir,
+            ", ".join(p.name for p in entries),
+        )
+        for path in entries:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def output_dir_problem(output_dir: Path, entries: list[Path], script: str, groups, train_args) -> str | None:
+    """Why `script` may not write into `output_dir`, which holds the run `entries` (None if it may)."""
+    from utils.checkpoints import list_checkpoints
+
     owner, names = script_of_run(output_dir), ", ".join(p.name for p in entries[:6])
     held = f"--output_dir {output_dir} already holds a {owner or 'training'} run ({names})"
+    resume = train_args.resume_from_checkpoint
     if train_args.overwrite_output_dir:
         doomed = {p.resolve() for p in entries}
         for flag, path in input_paths(groups):
             if any(path == d or d in path.parents for d in doomed) or path == output_dir.resolve():
-                raise SystemExit(f"error: {held}: --overwrite_output_dir would delete {flag} {path}")
-        accelerator.wait_for_everyone()  # every process has looked before the main one removes
-        if accelerator.is_main_process:
-            logger.warning(
-                "--overwrite_output_dir: removing the earlier run in %s: %s",
-                output_dir,
-                ", ".join(p.name for p in entries),
-            )
-            for path in entries:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        accelerator.wait_for_everyone()
-        return
-    resume = train_args.resume_from_checkpoint
+                return f"{held}: --overwrite_output_dir would delete {flag} {path}"
+        return None
     if resume and owner not in (None, script):
-        raise SystemExit(
-            f"error: {held}: {script} would replace its model and resume from its checkpoints; choose another --output_dir"
-        )
+        return f"{held}: {script} would replace its model and resume from its checkpoints; choose another --output_dir"
     if resume == "latest" and not list_checkpoints(output_dir) and (output_dir / "model.safetensors").is_file():
-        raise SystemExit(
-            f"error: {held} but no checkpoint: --resume_from_checkpoint latest would start over and replace its "
+        return (
+            f"{held} but no checkpoint: --resume_from_checkpoint latest would start over and replace its "
             "model; pass --overwrite_output_dir to replace it, or choose another --output_dir"
         )
     if not resume:
-        raise SystemExit(
-            f"error: {held}; pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
+        return (
+            f"{held}; pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
             "replace it, or choose another --output_dir"
         )
+    return None
