@@ -22,10 +22,10 @@ demo: setup
 	$(PY) data/make_demo_corpus.py $(DEMO)/audio --labelled_dir $(DEMO)/labelled
 	$(PY) data/prepare_manifest.py $(DEMO)/audio --output_dir $(DEMO)/manifests
 	$(PY) bench/loader_throughput.py --manifest $(DEMO)/manifests/train.tsv --num_crops 200
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml pretrain.py configs/recipes/demo-tiny.yaml
-	$(PY) finetune_ctc.py configs/recipes/demo-ctc-tiny.yaml
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml pretrain.py configs/recipes/demo-tiny.yaml --overwrite_output_dir
+	$(PY) finetune_ctc.py configs/recipes/demo-ctc-tiny.yaml --overwrite_output_dir
 	$(PY) transcribe.py --model_name_or_path $(DEMO)/ctc $(DEMO)/labelled/audio/S06_utt001.flac $(DEMO)/labelled/audio/S06_session.flac
-	$(PY) extract_features.py --model_name_or_path $(DEMO)/pretrained --layers all --pooling meanstd --output_dir $(DEMO)/features $(DEMO)/manifests/dev.tsv
+	$(PY) extract_features.py --model_name_or_path $(DEMO)/pretrained --layers all --pooling meanstd --output_dir $(DEMO)/features --overwrite_output_dir $(DEMO)/manifests/dev.tsv
 	@echo "demo outputs in $(DEMO)/: pretrained/ (model, README.md model card, loss_curve.png), ctc/ (eval_results.json), features/ (index.tsv)"
 
 lint: setup

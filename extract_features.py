@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, Wav2Vec2Model
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
+from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
 from utils.manifests import write_tsv
 from utils.segments import Job, is_rttm, list_sources, make_jobs, name_files, read_segments
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num_workers", type=int, default=1, help="background processes reading audio; 0 reads in the main process"
     )
     parser.add_argument("--skip_existing", action="store_true", help="keep outputs that are already complete")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="remove an earlier extraction's outputs first"
+    )
     args = parser.parse_args(argv)
 
     for item in args.inputs:
@@ -279,22 +283,16 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
 # ---------------------------------------------------------------------------------------------
 
 
-def save_config(args: argparse.Namespace, state) -> None:
-    """Write OUT/extract_config.json; never resume over outputs made with other flags."""
-    output_dir = Path(args.output_dir)
+def extraction_settings(args: argparse.Namespace) -> dict:
+    """What the saved features depend on: the flags, and for a local model folder its files' fingerprint."""
     settings = {key: getattr(args, key) for key in CONFIG_KEYS}
-    config_file = output_dir / "extract_config.json"
-    if args.skip_existing and config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        changed = {key: [previous.get(key), value] for key, value in settings.items() if previous.get(key) != value}
-        if changed:
-            raise SystemExit(
-                f"error: --skip_existing: {output_dir} holds outputs made with other settings {changed} ([old, new]); use the same flags or another --output_dir"
-            )
-    state.wait_for_everyone()
+    return settings | {"model_fingerprint": model_fingerprint(args.model_name_or_path)}
+
+
+def save_config(args: argparse.Namespace, settings: dict, state) -> None:
+    """Write OUT/extract_config.json (claim_features_dir has refused a folder holding other settings' outputs)."""
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(settings, indent=2) + "\n")
+        (Path(args.output_dir) / "extract_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def save_tables(outputs: OutputFiles, state, output_dir: Path) -> None:
@@ -322,10 +320,12 @@ def main(argv=None) -> dict:
     my_files = share_of_files(make_job_list(args), state)
     config = load_config(args)
     layers = pick_layers(args, config)
-    model, feature_extractor = load_model(args, layers, device)
-    save_config(args, state)
-    outputs, timing = extract(args, state, my_files, config, model, feature_extractor, layers, device)
-    save_tables(outputs, state, Path(args.output_dir))
+    settings = extraction_settings(args)
+    with claim_features_dir(args, settings, state):  # one extraction at a time, never over other flags' outputs
+        model, feature_extractor = load_model(args, layers, device)
+        save_config(args, settings, state)
+        outputs, timing = extract(args, state, my_files, config, model, feature_extractor, layers, device)
+        save_tables(outputs, state, Path(args.output_dir))
     state.destroy_process_group()  # now, not in the interpreter's teardown, where gloo's threads can hang it
     audio_seconds, seconds = timing["audio_seconds"], timing["seconds"]
     return {

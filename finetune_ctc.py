@@ -39,10 +39,11 @@ from utils.cards import format_number, push_folder_to_hub
 from utils.checkpoints import save_checkpoint, save_model_folder
 from utils.ctc import blank_bias, check_ctc_head, ctc_loss_sum, evaluate_ctc, time_mask_indices
 from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments, config_overrides
-from utils.ctc_card import eval_results, model_card
+from utils.ctc_card import eval_results, model_card, write_eval_results
 from utils.ctc_corpus import Corpus, select_training_utterances, summarize_data, write_split
 from utils.ctc_run import Progress, Run, resume
 from utils.dataset_utterances import dataset_utterances
+from utils.run_folder import claim_output_dir
 from utils.training import (
     StopSignal,
     append_jsonl,
@@ -406,7 +407,7 @@ def save_outputs(run: Run, state: Progress, data_summary: dict, base_model: str)
     if accelerator.is_main_process:
         kept = place_model(run, state.best, state.last_eval)
         results = eval_results(kept, step, data_summary, unreadable)
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_eval_results(output_dir, results, unreadable)
         (output_dir / "README.md").write_text(
             model_card(
                 run.unwrapped,
@@ -430,9 +431,8 @@ def save_outputs(run: Run, state: Progress, data_summary: dict, base_model: str)
                 output_dir,
             )
         if train_args.push_to_hub:
-            push_folder_to_hub(
-                output_dir, train_args.hub_model_id or output_dir.name, commit_message=f"CTC fine-tuning, step {step}"
-            )
+            repo_id = train_args.hub_model_id or output_dir.resolve().name
+            push_folder_to_hub(output_dir, repo_id, train_args.hub_private_repo, f"CTC fine-tuning, step {step}")
     accelerator.wait_for_everyone()
 
 
@@ -475,6 +475,7 @@ def main(argv=None):
     model_args, data_args, train_args = parse_arguments(argv)
     output_dir = Path(train_args.output_dir)
     accelerator, trackers = make_accelerator(train_args, output_dir, model_args.layerdrop)
+    claim_output_dir(accelerator, "finetune_ctc.py", (model_args, data_args, train_args))  # never over another run
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)  # one copy of the progress messages, from the main process
     set_seed(train_args.seed, device_specific=True)  # SpecAugment spans and dropout differ between processes

@@ -51,6 +51,7 @@ from utils.pretrain_arguments import (
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import LogWindow, dev_summary, train_row
+from utils.run_folder import claim_output_dir
 from utils.training import (
     StopSignal,
     TrainingArguments,
@@ -482,11 +483,9 @@ def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_
         card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), gumbel_start)
         (output_dir / "README.md").write_text(card)
         if train_args.push_to_hub:
-            push_folder_to_hub(
-                output_dir,
-                train_args.hub_model_id or output_dir.name,
-                commit_message=f"wav2vec2 pretraining, step {state.step}",
-            )
+            repo_id = train_args.hub_model_id or output_dir.resolve().name
+            message = f"wav2vec2 pretraining, step {state.step}"
+            push_folder_to_hub(output_dir, repo_id, train_args.hub_private_repo, message)
 
 
 def main(argv=None):
@@ -497,6 +496,7 @@ def main(argv=None):
 
     config = load_config(model_args, args.objective)
     accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
+    claim_output_dir(accelerator, "pretrain.py", args)  # never write over another run
     set_seed(train_args.seed)
     feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
     data = build_data(args, config, feature_extractor, accelerator, output_dir)

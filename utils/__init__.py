@@ -5,7 +5,8 @@ Every script
   manifests          scan, validate and split recordings by participant; TSV manifests and their columns
   training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
   checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
-  cards              model-card figures, software versions, hardware; the Hub push
+  cards              model-card figures and YAML header, base-model lineage; the Hub push (private, allowlisted)
+  run_folder         whose output folder it is: another run refused, resumed, or replaced (--overwrite_output_dir)
   numerics           NaN/Inf guards: audio samples, skipped updates and their count, weights, null metrics
   hf_datasets        Hugging Face datasets without torchcodec: load (hub, folders, save_to_disk, streams), undecoded audio
 pretrain.py
@@ -30,4 +31,5 @@ extract_features.py
   segments           which region of which file goes to which output file (inputs, RTTM/TSV segments)
   windows            the frame grid: the windows the model runs on, which frames are kept, batching
   features           the output files (frame features written window by window, pooled sums), index.tsv
+  extraction_folder  the lock on the features folder; outputs of other flags refused or removed
 """

@@ -6,12 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.cards import format_number, hardware_description, hub_base_model, software_versions
+from utils.cards import (
+    base_model_of,
+    card_header,
+    card_model_name,
+    format_number,
+    hardware_description,
+    public_name,
+    software_versions,
+)
 
 
 def eval_results(kept: dict | None, step: int, data_summary: dict, unreadable: set[str]) -> dict:
     """eval_results.json: the scores of the model that was kept (None without a dev set), the step
-    it is from, the steps trained, the data figures and the files skipped."""
+    it is from, the steps trained, the data figures and how many files were skipped (their names,
+    which hold participant ids, go to the local unreadable_files.txt: this file may be published)."""
     results = {"wer": None, "cer": None, "model_step": step}
     if kept:
         results = {
@@ -20,8 +29,15 @@ def eval_results(kept: dict | None, step: int, data_summary: dict, unreadable: s
             "model_step": kept["step"],
             **{k: v for k, v in kept.items() if k not in ("step", "eval_wer", "eval_cer", "examples")},
         }
-    results.update({"train_steps": step, **data_summary, "unreadable_files_skipped": sorted(unreadable)})
+    results.update({"train_steps": step, **data_summary, "unreadable_files_skipped": len(unreadable)})
     return results
+
+
+def write_eval_results(output_dir: Path, results: dict, unreadable: set[str]) -> None:
+    """eval_results.json, and the unreadable files by name in unreadable_files.txt (never pushed)."""
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if unreadable:
+        (output_dir / "unreadable_files.txt").write_text("".join(f"{path}\n" for path in sorted(unreadable)))
 
 
 def model_card(model, base_model, results, model_args, data_args, train_args, log, accelerator) -> str:
@@ -38,7 +54,7 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
     versions = software_versions()
     evals = [r for r in log if "eval_wer" in r]
     effective_batch = f"{train_args.per_device_train_batch_size} utterances per device x {num_processes} processes x {train_args.gradient_accumulation_steps} accumulation"
-    name = train_args.hub_model_id or train_args.output_dir
+    name = card_model_name(train_args)
     curve = (
         "\n".join(
             f"| {r['step']:,} | {format_number(r['eval_wer'])} | {format_number(r['eval_cer'])} | {format_number(r['eval_loss'])} |"
@@ -47,9 +63,9 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
         or "| n/a | | | |"
     )
     data_source = (
-        f"`{data_args.dataset_name}` ({data_args.train_split_name})"
+        f"`{dataset_name(data_args.dataset_name)}` ({data_args.train_split_name})"
         if data_args.dataset_name
-        else f"`{data_args.train_manifest}`"
+        else f"`{public_name(data_args.train_manifest, [data_args.train_manifest])}`"
     )
     chosen = (
         f"The weights are those of step {results['model_step']:,} of {results['train_steps']:,}: the evaluation with the lowest dev WER."
@@ -58,13 +74,11 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
         + ("no evaluation had finite outputs." if evals else "there was no dev set.")
     )
     model_index = hub_model_index(results, data_args, train_args.output_dir)
-    hub_id = hub_base_model(base_model)
-    base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
+    hub_id, base_model = base_model_of(base_model)
+    tags = ["wav2vec2", "audio", "speech", "automatic-speech-recognition", "ctc"]
+    header = card_header(train_args, hub_id, tags, pipeline_tag="automatic-speech-recognition")
     return f"""---
-library_name: transformers
-pipeline_tag: automatic-speech-recognition
-tags: [wav2vec2, audio, speech, automatic-speech-recognition, ctc]
-{base_model_line}{model_index}---
+{header}{model_index}---
 # {Path(train_args.output_dir).name}: wav2vec 2.0 + CTC speech recognition
 
 **{base_model}** fine-tuned with a character CTC head ({results["vocab_size"]} tokens) by `finetune_ctc.py`.
@@ -92,7 +106,7 @@ Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); t
 | Dev utterances | {results["dev_utterances"]:,} ({results["dev_hours"]:.3f} h, {results["dev_participants"]} participants) |
 | Longer than {data_args.max_duration_seconds:g} s (train) | {format_number(results["long_train_utterances"])} ({"trained alone" if data_args.long_utterances == "alone" else "left out"}) |
 | Too short for their transcript (train, left out) | {format_number(results["too_short_train_utterances"])} |
-| Unreadable files skipped | {results["unreadable_at_start"] + len(results["unreadable_files_skipped"])} |
+| Unreadable files skipped | {results["unreadable_at_start"] + results["unreadable_files_skipped"]} |
 
 ## Training hyperparameters
 
@@ -117,16 +131,28 @@ Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); t
 {how_to_use(name)}"""
 
 
+def dataset_name(name: str) -> str:
+    """A dataset as a card names it: a Hub id as it is, a local folder by its name only."""
+    return Path(name).resolve().name if Path(name).exists() else name
+
+
 def hub_model_index(results: dict, data_args, output_dir: str) -> str:
     """The card metadata's model-index (empty without a dev set): the Hub refuses a card whose
-    model-index lacks a dataset or has empty metrics."""
+    model-index lacks a dataset or has empty metrics. Local data is named, never located."""
     if results["wer"] is None:
         return ""
+    hub_dataset = bool(data_args.dataset_name) and not Path(data_args.dataset_name).exists()
+    if data_args.dataset_name:
+        name = dataset_name(data_args.dataset_name)
+    else:
+        name = f"dev set ({public_name(data_args.dev_manifest or data_args.train_manifest, [data_args.dev_manifest, data_args.train_manifest])})"
+    dataset = {"type": name if hub_dataset else "local", "name": name}
+    dataset["split"] = data_args.eval_split_name if data_args.dataset_name else "dev"
     return f"""model-index:
-- name: {Path(output_dir).name}
+- name: {json.dumps(Path(output_dir).resolve().name)}
   results:
   - task: {{type: automatic-speech-recognition, name: Speech Recognition}}
-    dataset: {{type: {data_args.dataset_name or "local"}, name: {json.dumps(data_args.dataset_name or "dev set (local manifest)")}, split: {data_args.eval_split_name if data_args.dataset_name else "dev"}}}
+    dataset: {json.dumps(dataset, ensure_ascii=False)}
     metrics:
     - {{type: wer, value: {results["wer"]:.4f}, name: Dev WER}}
     - {{type: cer, value: {results["cer"]:.4f}, name: Dev CER}}

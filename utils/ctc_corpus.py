@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
+from utils.cards import public_name
 from utils.ctc import min_frames_for
 from utils.ctc_arguments import DataArguments
 from utils.manifests import UTTERANCE_COLUMNS, write_tsv
@@ -107,7 +108,8 @@ def summarize_data(corpus: Corpus, data: DataArguments, long_train: list[dict], 
         "dev_utterances": len(dev_rows),
         "dev_hours": round(sum(r["duration"] for r in dev_rows) / 3600, 4),
         "dev_participants": len({r["participant"] for r in dev_rows if r["participant"]}),
-        "dev_set": corpus.dev_origin,
+        # The manifests by their names only: this goes into eval_results.json and the card, which may be published.
+        "dev_set": public_name(corpus.dev_origin, [data.train_manifest, data.dev_manifest, data.dataset_name]),
         "long_train_utterances": None if streamed else len(long_train),
         "long_utterance_policy": data.long_utterances,
         "too_short_train_utterances": None if streamed else len(too_short),

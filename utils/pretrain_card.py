@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.cards import format_number, hardware_description, hub_base_model, software_versions
+from utils.cards import (
+    base_model_of,
+    card_header,
+    card_model_name,
+    format_number,
+    hardware_description,
+    public_name,
+    software_versions,
+)
 
 
 def plot_losses(log: list[dict], path: Path) -> None:
@@ -57,17 +65,18 @@ def model_card(model, base_model, data, args, log, accelerator, unreadable, gumb
     params = sum(p.numel() for p in model.parameters())
     effective_batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps * num_processes
     versions = software_versions()
+    # Manifests and the scanned folder by their names only: the card may be published.
+    local_paths = [data_args.audio_dir, *train_names, data_args.dev_manifest]
+    train_names = [public_name(name, local_paths) for name in train_names]
     mixing = (
         ", ".join(f"{n} (weight {w})" for n, (_, w) in zip(train_names, train_sources))
         if len(train_sources) > 1
         else train_names[0]
     )
-    hub_id = hub_base_model(base_model)
-    base_model_line = f"base_model: {hub_id}\n" if hub_id else ""  # the Hub takes a hub id here, or nothing
+    hub_id, base_model = base_model_of(base_model)
+    header = card_header(train_args, hub_id, ["wav2vec2", "audio", "speech", "self-supervised", "pretraining"])
     return f"""---
-library_name: transformers
-tags: [wav2vec2, audio, speech, self-supervised, pretraining]
-{base_model_line}---
+{header}---
 # wav2vec 2.0 self-supervised pretraining: {Path(train_args.output_dir).name}
 
 Self-supervised (contrastive + diversity) pretraining of a wav2vec 2.0 encoder on long-form
@@ -142,7 +151,7 @@ model's raw summed loss per update, the figure some cards report.
 
 ![loss curve](loss_curve.png)
 
-""" + how_to_use(train_args.hub_model_id or train_args.output_dir, config.hidden_size)
+""" + how_to_use(card_model_name(train_args), config.hidden_size)
 
 
 def how_to_use(name: str, hidden_size: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from utils.audio import TARGET_SAMPLE_RATE
+from utils.cards import card_flag_problem
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,23 @@ class TrainingArguments:
     push_to_hub: bool = field(default=False)
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Hub repo id for --push_to_hub (default: output_dir's name)."}
+    )
+    hub_private_repo: bool = field(
+        default=True,
+        metadata={"help": "--push_to_hub creates a private repo; `--hub_private_repo false` a public one."},
+    )
+    language: str | None = field(
+        default=None, metadata={"help": "Model card: ISO 639 code(s) of the speech, comma separated ('hi,en')."}
+    )
+    license: str | None = field(
+        default=None, metadata={"help": "Model card: a Hub license id ('apache-2.0'); none given, none stated."}
+    )
+    dataset_tags: str | None = field(
+        default=None, metadata={"help": "Model card: Hub dataset id(s) the model was trained on, comma separated."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in output_dir (its files are removed first); else it is refused."},
     )
 
 
@@ -155,6 +173,8 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
             value = getattr(group, name, None)
             if value is not None and value < lowest:
                 parser.error(f"--{name} must be at least {lowest}, not {value}")
+        if isinstance(group, TrainingArguments) and card_flag_problem(group):
+            parser.error(card_flag_problem(group))
     return parsed
 
 
@@ -223,7 +243,9 @@ def start_train_log(
     if accelerator.is_main_process:
         kept = [row for row in read_jsonl(log_path) if row.get("step", 0) <= start_step]
         log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        record = {name: asdict(group) for name, group in arguments.items()} | (extra or {})
+        record = (
+            {"script": f"{project}.py"} | {name: asdict(group) for name, group in arguments.items()} | (extra or {})
+        )
         (output_dir / "training_args.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     if trackers:
         flat = {
