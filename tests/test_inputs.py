@@ -94,8 +94,11 @@ def test_tsv_fields_keep_their_quotes_and_a_line_with_the_wrong_field_count_is_n
     write_tsv(tmp_path / "m.tsv", rows, ["path", "text"])
     assert (tmp_path / "m.tsv").read_text() == 'path\ttext\n/a/x.wav\t"ok" she said\n/a/y.wav\tsay "hi\n'
     assert read_tsv(tmp_path / "m.tsv", ["path", "text"]) == rows
-    (tmp_path / "crlf.tsv").write_bytes(b'path\ttext\r\n/a/x.wav\t"ok" she said\r\n\r\n/a/y.wav\tsay "hi\r\n')
+    (tmp_path / "crlf.tsv").write_bytes(b'path\ttext\r\n/a/x.wav\t"ok" she said\r\n/a/y.wav\tsay "hi\r\n\r\n')
     assert read_tsv(tmp_path / "crlf.tsv", ["path", "text"]) == rows
+    (tmp_path / "gap.tsv").write_text("path\ttext\n/a/x.wav\tone\n\n/a/y.wav\ttwo\n")
+    with pytest.raises(ValueError, match=r"gap.tsv, line 3: 1 tab-separated field\(s\), the header has 2"):
+        read_tsv(tmp_path / "gap.tsv", ["path", "text"])
     (tmp_path / "extra.tsv").write_text("path\ttext\n/a/x.wav\tone\n/a/y.wav\ttwo\tthree\n")
     with pytest.raises(ValueError, match=r"extra.tsv, line 3: 3 tab-separated field\(s\), the header has 2"):
         read_tsv(tmp_path / "extra.tsv", ["path", "text"])

@@ -173,9 +173,9 @@ def write_tsv(path, rows: list[dict], columns: list[str]) -> None:
 
 def read_tsv(path, required: list[str]) -> list[dict]:
     """Read a TSV with a header line: one line is one row, fields split on tabs, no quoting (a `"` is
-    just a character). A UTF-8 BOM and CRLF line ends are accepted; empty lines are skipped; a line
-    with another number of fields than the header is a ValueError naming the file and line. Relative
-    `path` entries are taken relative to the TSV's folder."""
+    just a character). A UTF-8 BOM and CRLF line ends are accepted, and blank lines at the end; a line
+    (an empty one too) with another number of fields than the header is a ValueError naming the file
+    and line. Relative `path` entries are taken relative to the TSV's folder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -190,10 +190,10 @@ def read_tsv(path, required: list[str]) -> list[dict]:
         raise ValueError(f"manifest {path} lacks column(s) {missing}; it has {header}")
     if len(set(header)) < len(header):
         raise ValueError(f"manifest {path}: a column name appears twice in its header {header}")
+    while len(lines) > 1 and not lines[-1]:  # the final line break, and any blank lines after the last row
+        lines.pop()
     rows = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
+    for number, line in enumerate(lines[1:], start=2):  # row i is line i + 2: messages can name the line
         fields = line.split("\t")
         if len(fields) != len(header):
             raise ValueError(
