@@ -36,11 +36,11 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, get_
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.batches import make_loaders
 from utils.cards import format_number, push_folder_to_hub
-from utils.checkpoints import save_checkpoint, save_model_folder
+from utils.checkpoints import check_start_weights, save_checkpoint, save_model_folder
 from utils.ctc import blank_bias, check_ctc_head, ctc_loss_sum, evaluate_ctc, time_mask_indices
 from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments, config_overrides
 from utils.ctc_card import eval_results, model_card, write_eval_results
-from utils.ctc_corpus import Corpus, select_training_utterances, summarize_data, write_split
+from utils.ctc_corpus import Corpus, select_training_utterances, stop_if_all_unreadable, summarize_data, write_split
 from utils.ctc_run import Progress, Run, resume
 from utils.dataset_utterances import dataset_utterances
 from utils.run_folder import claim_output_dir
@@ -103,6 +103,7 @@ def load_corpus(model_args, data_args, seed: int) -> Corpus:
         else:
             train_rows, dev_rows, unreadable_rows, dev_origin = manifest_utterances(data_args, seed)
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, train_rows, dev_rows)
+        check_start_weights(model_args.model_name_or_path, model_args.config_name)
         try:
             config = Wav2Vec2Config.from_pretrained(model_source)
         except OSError as error:
@@ -251,6 +252,7 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
     model.train()
     while state.step < train_args.max_train_steps and not state.guard.stopped:
         micro_batches = next_micro_batches(positions, batches, accumulation, state)
+        stop_if_all_unreadable(run.corpus, state.unreadable)
         targets_here = sum(int((b["labels"] >= 0).sum()) for b in micro_batches)
         total_targets = accelerator.reduce(
             torch.tensor(float(targets_here), device=accelerator.device), reduction="sum"

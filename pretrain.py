@@ -22,10 +22,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 
-from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
 from utils.cards import push_folder_to_hub
-from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from utils.crops import CropStream
+from utils.checkpoints import check_start_weights, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.crops import CropStream, exit_on_unreadable
 from utils.dataset_recordings import dataset_recordings
 from utils.manifests import (
     parse_weighted_manifests,
@@ -39,6 +38,7 @@ from utils.objective import (
     PRETRAINED_GUMBEL_STEPS,
     MaskAndNegatives,
     contrastive_correct,
+    crop_frames,
     feature_penalty,
     gumbel_temperature,
 )
@@ -134,7 +134,7 @@ class PretrainingData:
 def build_data(args: Arguments, config, feature_extractor, accelerator, output_dir: Path) -> PretrainingData:
     """Train crops drawn afresh every epoch, fixed dev crops; each process reads its own share."""
     data_args, objective, train_args = args.data, args.objective, args.training
-    num_frames = conv_frames(round(data_args.crop_seconds * TARGET_SAMPLE_RATE), *conv_geometry(config))
+    num_frames = crop_frames(data_args.crop_seconds, config, objective.mask_time_length)
     try:
         train_sources, train_names, dev_rows = load_rows(
             data_args, output_dir, accelerator.is_main_process, train_args.seed
@@ -197,6 +197,7 @@ def load_config(model_args: ModelArguments, objective: ObjectiveArguments) -> Wa
         raise SystemExit(
             f"error: cannot load a wav2vec2 config from {model_source!r} (--config_name / --model_name_or_path): {error}"
         ) from None
+    check_start_weights(model_args.model_name_or_path, model_args.config_name)
     apply_config_overrides(config, model_args.config_overrides)
     if objective.mask_time_prob <= 0:
         raise SystemExit("error: --mask_time_prob must be above 0: the contrastive task predicts masked frames")
@@ -282,7 +283,7 @@ def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_work
     unwrapped.eval()  # the bare module, as in finetune_ctc.py: no gradients, so nothing for DDP to do
     sums = torch.zeros(4, device=accelerator.device)  # loss, masked frames, correct, contrastive loss
     with torch.no_grad():
-        for batch in make_loader(dev_stream, num_workers, batch_size=None):
+        for batch in exit_on_unreadable(make_loader(dev_stream, num_workers, batch_size=None)):
             inputs = to_device(batch, accelerator.device)
             out = unwrapped(**inputs)
             mask = inputs["mask_time_indices"]
@@ -395,7 +396,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
     data_args, objective, train_args = args.data, args.objective, args.training
     output_dir, unwrapped = Path(train_args.output_dir), accelerator.unwrap_model(model)
     accumulation = train_args.gradient_accumulation_steps
-    batches = iter(make_loader(data.train, train_args.num_workers, batch_size=None))
+    batches = exit_on_unreadable(make_loader(data.train, train_args.num_workers, batch_size=None))
     window = LogWindow(
         torch.zeros(7, device=accelerator.device),
         accumulation * accelerator.num_processes,

@@ -19,6 +19,7 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from utils.ctc import transcribe
+from utils.manifests import escape_tsv
 
 
 def main(argv=None) -> int:
@@ -45,10 +46,11 @@ def main(argv=None) -> int:
         try:
             (text,) = transcribe([path], model, processor, args.chunk_seconds, args.context_seconds, args.device)
         except Exception as error:  # one bad file must not stop a batch of transcriptions
-            print(f"error: {path}: {str(error).strip() or type(error).__name__}", file=sys.stderr)
+            print("error: " + escape_tsv(f"{path}: {str(error).strip() or type(error).__name__}"), file=sys.stderr)
             failures += 1
             continue
-        print(f"{path}\t{text}", flush=True)
+        # A tab or line break in a path (or text) would break the path<TAB>text line: those are shown escaped.
+        print(f"{escape_tsv(path)}\t{escape_tsv(text)}", flush=True)
     return 1 if failures else 0
 
 

@@ -19,12 +19,15 @@ the dev speaker is not in train). A tiny model learns it on a CPU in a minute or
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.manifests import write_tsv  # noqa: E402
 
 BASE_RATE = 16_000
 # (extension, sample rate, channels, soundfile subtype)
@@ -230,10 +233,7 @@ def make_labelled_set(
             write_audio(output_dir / name, np.concatenate(session).astype(np.float32), BASE_RATE, 1, "PCM_16", rng)
             rows[split] += [{"path": name, **row} for row in session_rows]
     for split, split_rows in rows.items():
-        with open(output_dir / f"{split}.tsv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=LABELLED_COLUMNS, delimiter="\t", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(split_rows)
+        write_tsv(output_dir / f"{split}.tsv", split_rows, LABELLED_COLUMNS)
     return {split: len(split_rows) for split, split_rows in rows.items()}
 
 

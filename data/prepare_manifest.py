@@ -7,7 +7,9 @@ Writes OUT/train.tsv and OUT/dev.tsv (path, participant, duration, sample_rate, 
 num_frames), OUT/invalid.tsv (path, reason) and OUT/summary.json. Only headers and a few short
 probe reads per file are used, so hours of audio scan in seconds. A file that cannot be read, is
 empty, too short, digitally silent or whose name the regex does not match is listed in invalid.tsv
-with the reason; it never stops the scan.
+with the reason (so are unlistable folders, links to a file already listed, and paths with a tab or
+line break, shown escaped); it never stops the scan. No valid file at all, or a single participant
+id while --dev_fraction asks for a dev set, is an error that leaves OUT untouched.
 
 The participant id is the first group of --participant_regex, searched in the file name. The
 default takes the leading letters and digits up to the first '_', '-' or '.' ("P017_day2.flac" ->

@@ -183,7 +183,9 @@ def test_split_edge_cases():
     train, dev = split_by_participant(rows, 0.05, 0)  # each alone overshoots: the closer one is dev
     assert [r["participant"] for r in dev] == ["B"]
     only = manifest_rows({"A": [1.0, 2.0]})
-    assert split_by_participant(only, 0.5, 0) == (only, [])  # dev would take the only participant
+    with pytest.raises(ValueError, match="every file has participant id 'A'"):  # dev would be empty: loud
+        split_by_participant(only, 0.5, 0)
+    assert split_by_participant(only, 0.0, 0) == (only, [])
 
 
 def write_named(root, names):

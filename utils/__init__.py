@@ -2,8 +2,9 @@
 
 Every script
   audio              seeking reads at 16 kHz mono, resampling, downmix; the conv encoder's frame geometry
-  manifests          scan, validate and split recordings by participant; TSV manifests and their columns
+  manifests          scan, validate and split recordings by participant; strict TSV manifests and their columns
   training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
+  recipes            reading a YAML recipe safely (plain values only), errors that name the line
   checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
   cards              model-card figures and YAML header, base-model lineage; the Hub push (private, allowlisted)
   run_folder         whose output folder it is: another run refused, resumed, or replaced (--overwrite_output_dir)

@@ -5,6 +5,7 @@ Also the conv encoder's geometry (samples -> frames), which every script needs t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+
+logger = logging.getLogger(__name__)
 
 TARGET_SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf"}
@@ -207,10 +210,36 @@ def normalize_waveform(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-7)
 
 
-def find_audio_files(root: str | os.PathLike) -> list[Path]:
+def find_audio_files(root: str | os.PathLike, problems: list[dict] | None = None) -> list[Path]:
+    """The audio files under `root` (or `root` itself, a file), sorted. Symbolic links to folders are
+    followed, each real folder once, so a link back up the tree is no loop. A folder that cannot be
+    listed goes to `problems` as {path, reason} (without a list: a warning); it is never skipped silently."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+    def unlistable(error: OSError) -> None:
+        row = {"path": str(error.filename or root), "reason": f"unreadable folder: {error.strerror or error}"}
+        if problems is None:
+            logger.warning("skipping %s: %s", row["path"], row["reason"])
+        else:
+            problems.append(row)
+
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, onerror=unlistable, followlinks=True):
+        try:
+            status = os.stat(folder)
+        except OSError as error:
+            unlistable(error)
+            subfolders[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:  # reached again through a link: already scanned
+            subfolders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        # Within a folder, real subfolders before links: a folder reached both ways is listed where it lies.
+        subfolders.sort(key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
+        files += [Path(folder, name) for name in names if Path(name).suffix.lower() in AUDIO_EXTENSIONS]
+    return sorted(files)

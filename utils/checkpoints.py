@@ -20,6 +20,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# Where from_pretrained finds a model's weights in a local folder (a sharded checkpoint: its index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_start_weights(model_name_or_path: str | None, config_name: str | None) -> None:
+    """A local --model_name_or_path folder that has a config but no weights would fail deep inside
+    from_pretrained with a traceback: stop with a line that says how to get a random init instead."""
+    folder = model_name_or_path
+    if config_name or not folder or not os.path.isdir(folder):
+        return
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise SystemExit(
+            f"error: --model_name_or_path {folder} holds no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            f"to start from random weights with its config, use --config_name {folder}"
+        )
 
 
 def list_checkpoints(output_dir) -> list[Path]:

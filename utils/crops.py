@@ -14,6 +14,22 @@ from utils.audio import TARGET_SAMPLE_RATE, normalize_waveform, read_mono, sourc
 from utils.numerics import require_finite_samples
 
 
+class UnreadableManifest(RuntimeError):
+    """No file of a manifest could be read. Raised in a DataLoader worker, it reaches the main process
+    with the worker's traceback in its message; exit_on_unreadable turns it into one line."""
+
+
+def exit_on_unreadable(loader):
+    """The loader's batches; a manifest none of whose files reads ends the run with a one-line error."""
+    try:
+        yield from loader
+    except UnreadableManifest as error:
+        message = str(error).strip()
+        if "Traceback" in message:  # from a worker: its last line is "utils.crops.UnreadableManifest: <message>"
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        raise SystemExit(f"error: {message}") from None
+
+
 class _HandleCache:
     """A few open SoundFile handles per worker, so a crop costs one seek and one read."""
 
@@ -88,7 +104,7 @@ class CropStream(torch.utils.data.IterableDataset):
         self.start_epoch, self.start_batch = 0, 0
         self.short_files = 0
         self.files: list[list[dict]] = []
-        names = names or [f"manifest {i}" for i in range(len(manifests))]
+        self.names = names = names or [f"manifest {i}" for i in range(len(manifests))]
         for (rows, _), name in zip(manifests, names):
             usable = [
                 r for r in rows if target_length(int(r["num_frames"]), int(r["sample_rate"])) >= self.crop_length
@@ -149,7 +165,7 @@ class CropStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         cache, stats = _HandleCache(), {"crops": 0, "retries": 0, "all_silent": 0, "unreadable_files": 0}
-        bad: set[tuple[int, int]] = set()
+        bad: dict[tuple[int, int], str] = {}  # (manifest, file) -> why it failed
         epoch = 0 if self.fixed else self.start_epoch
         first = 0 if self.fixed else self.start_batch
         # Workers take turns by position in this iteration's stream, not by batch number, because
@@ -190,7 +206,10 @@ class CropStream(torch.utils.data.IterableDataset):
             if (manifest, file_index) in bad:
                 good = [i for i in range(len(self.files[manifest])) if (manifest, i) not in bad]
                 if not good:
-                    raise RuntimeError(f"every file of manifest {manifest} failed to read; see the warnings above")
+                    raise UnreadableManifest(
+                        f"{self.names[manifest]}: none of its {len(self.files[manifest])} file(s) could be read "
+                        f"(e.g. {self.files[manifest][file_index]['path']}: {bad[manifest, file_index]})"
+                    )
                 file_index = good[int(rng.integers(len(good)))]
             row = self.files[manifest][file_index]
             try:
@@ -199,7 +218,7 @@ class CropStream(torch.utils.data.IterableDataset):
                 crop = require_finite_samples(normalize_waveform(crop) if self.normalize else crop)
                 break
             except Exception as error:
-                bad.add((manifest, file_index))
+                bad[manifest, file_index] = " ".join(str(error).split()) or type(error).__name__
                 cache.drop(row["path"])
                 stats["unreadable_files"] += 1
                 new_bad.append(row["path"])

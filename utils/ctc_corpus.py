@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
@@ -34,6 +35,11 @@ class Corpus:
     processor: Wav2Vec2Processor
     config: Wav2Vec2Config
     vocab: dict[str, int]
+
+    @cached_property
+    def train_files(self) -> set[str]:
+        """The files the training utterances are in (asked once training starts, after the selection)."""
+        return {row["path"] for row in self.train_rows}
 
 
 def select_training_utterances(corpus: Corpus, data: DataArguments) -> tuple[list[dict], list[dict]]:
@@ -87,6 +93,14 @@ def select_training_utterances(corpus: Corpus, data: DataArguments) -> tuple[lis
     if not corpus.train_rows:
         raise SystemExit("error: no training utterance left (see the warnings above)")
     return long_train, too_short
+
+
+def stop_if_all_unreadable(corpus: Corpus, unreadable: set[str]) -> None:
+    """Once every training file has failed to read, the run would go on training on nothing and exit 0: stop it."""
+    if corpus.train_files <= unreadable:
+        raise SystemExit(
+            f"error: none of the {len(corpus.train_files)} training file(s) could be read (see the warnings above)"
+        )
 
 
 def write_split(corpus: Corpus, folder: Path) -> None:

@@ -3,7 +3,6 @@ short probe reads, split by participant, and read and write the TSV files."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from utils.audio import find_audio_files
+from utils.audio import AUDIO_EXTENSIONS, find_audio_files
 from utils.numerics import nonfinite_samples, scan_float_file
 
 # A crop quieter than this everywhere we probe it is treated as digital silence, not as a quiet room.
@@ -26,6 +25,8 @@ UTTERANCE_COLUMNS = ["path", "text", "participant", "start", "end"]
 # The leading letters and digits of the file name, up to the first '_', '-' or '.':
 # "P017_day2.flac" -> "P017", "cls04-morning.wav" -> "cls04".
 DEFAULT_PARTICIPANT_REGEX = r"^([A-Za-z0-9]+)[_.-]"
+# What separates fields and rows of a TSV (a lone \r too: CRLF files are read), so no field may hold one.
+TSV_SEPARATORS = ("\t", "\n", "\r")
 
 
 def probe_audio_file(
@@ -72,26 +73,45 @@ def probe_audio_file(
 
 
 def scan_audio_folder(audio_dir, participant_regex: str = DEFAULT_PARTICIPANT_REGEX, min_seconds: float = 0.0):
-    """Probe every audio file under `audio_dir`. Returns (valid rows, invalid rows with reasons)."""
+    """Probe every audio file under `audio_dir`. Returns (valid rows, invalid rows with reasons);
+    a ValueError if no file is valid, so that no caller writes or trains on an empty manifest."""
     try:
         pattern = re.compile(participant_regex)
     except re.error as error:
         raise ValueError(f"--participant_regex {participant_regex!r} is not a valid regex: {error}") from None
     if pattern.groups < 1:
         raise ValueError(f"--participant_regex {participant_regex!r} needs a group for the participant id")
-    valid, invalid = [], []
-    for path in find_audio_files(audio_dir):
+    valid, folders, first_path = [], [], {}
+    files = find_audio_files(audio_dir, problems=folders)
+    invalid = [{**row, "path": escape_tsv(row["path"])} for row in folders]
+    for path in files:
+        resolved = path.resolve()
         match = pattern.search(path.name)
-        if not match or not match.group(1):
+        unsafe = [name for name in (str(resolved), str(path)) if tsv_unsafe(name)]
+        if unsafe:
+            reason = "path holds a tab or line break (shown escaped): no TSV can list it; rename the file"
+            invalid.append({"path": escape_tsv(unsafe[0]), "reason": reason})
+        elif str(resolved) in first_path:  # a link to a file already listed: once is enough
+            invalid.append({"path": str(path), "reason": f"same file as {first_path[str(resolved)]}"})
+        elif not match or not match.group(1):
             invalid.append(
-                {"path": str(path.resolve()), "reason": f"participant id not found by regex {participant_regex!r}"}
+                {"path": str(resolved), "reason": f"participant id not found by regex {participant_regex!r}"}
             )
-            continue
-        row, reason = probe_audio_file(path.resolve(), min_seconds)
-        if row is None:
-            invalid.append({"path": str(path.resolve()), "reason": reason})
         else:
-            valid.append({**row, "participant": match.group(1)})
+            first_path[str(resolved)] = str(path)
+            row, reason = probe_audio_file(resolved, min_seconds)
+            if row is None:
+                invalid.append({"path": str(resolved), "reason": reason})
+            else:
+                valid.append({**row, "participant": match.group(1)})
+    if not valid and not invalid:
+        raise ValueError(f"no audio files in {audio_dir} (extensions {', '.join(sorted(AUDIO_EXTENSIONS))})")
+    if not valid:
+        reasons = summarize([], [], invalid)["invalid"]["by_reason"]
+        raise ValueError(
+            f"no valid audio in {audio_dir}: {len(invalid)} invalid file(s) or folder(s) {reasons}; "
+            f"the first: {invalid[0]['path']}: {invalid[0]['reason']}"
+        )
     return valid, invalid
 
 
@@ -101,6 +121,11 @@ def split_by_participant(rows: list[dict], dev_fraction: float, seed: int = 0) -
     for row in rows:
         hours[row["participant"]] = hours.get(row["participant"], 0.0) + float(row["duration"])
     participants = sorted(hours)
+    if dev_fraction > 0 and len(participants) == 1:
+        raise ValueError(
+            f"every file has participant id {participants[0]!r}, so no participant is left for a dev set "
+            f"(--dev_fraction {dev_fraction}): check --participant_regex, or give --dev_fraction 0"
+        )
     random.Random(seed).shuffle(participants)
     target = dev_fraction * sum(hours.values())
     dev_ids, dev_hours = set(), 0.0
@@ -121,28 +146,69 @@ def split_by_participant(rows: list[dict], dev_fraction: float, seed: int = 0) -
     return train, dev
 
 
+def escape_tsv(text: str) -> str:
+    """`text` unchanged if a TSV field can hold it; else with backslash, tab and line breaks written as
+    two-character escapes (\\t, \\n, ...): how a path that no TSV can list is shown."""
+    if not tsv_unsafe(text):
+        return text
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def tsv_unsafe(text: str) -> bool:
+    """Whether `text` holds a tab or a line break: a TSV field cannot (there is no quoting)."""
+    return any(char in text for char in TSV_SEPARATORS)
+
+
 def write_tsv(path, rows: list[dict], columns: list[str]) -> None:
+    """One line per row, fields joined by tabs, no quoting; written to a temporary file, then renamed.
+    A field holding a tab or line break is a ValueError (it would split its row)."""
     path = Path(path)
+    lines = ["\t".join(columns)]
+    for number, row in enumerate(rows, start=1):
+        fields = ["" if row.get(column) is None else str(row[column]) for column in columns]
+        for column, field in zip(columns, fields):
+            if tsv_unsafe(field):
+                raise ValueError(
+                    f"{path}: row {number}, {column} {field!r} holds a tab or line break, which no TSV field can"
+                )
+        lines.append("\t".join(fields))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
 
 
 def read_tsv(path, required: list[str]) -> list[dict]:
-    """Read a TSV with a header line; relative `path` entries are taken relative to the TSV's folder."""
+    """Read a TSV with a header line: one line is one row, fields split on tabs, no quoting (a `"` is
+    just a character). A UTF-8 BOM and CRLF line ends are accepted, and blank lines at the end; a line
+    (an empty one too) with another number of fields than the header is a ValueError naming the file
+    and line. Relative `path` entries are taken relative to the TSV's folder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"manifest {path} lacks column(s) {missing}; it has {reader.fieldnames}")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # newline="": a lone \r stays inside its field
+            lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"manifest {path} is not UTF-8 text: {error}") from None
+    header = lines[0].split("\t") if lines[0] else []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"manifest {path} lacks column(s) {missing}; it has {header}")
+    if len(set(header)) < len(header):
+        raise ValueError(f"manifest {path}: a column name appears twice in its header {header}")
+    while len(lines) > 1 and not lines[-1]:  # the final line break, and any blank lines after the last row
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):  # row i is line i + 2: messages can name the line
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise ValueError(
+                f"{path}, line {number}: {len(fields)} tab-separated field(s), the header has {len(header)} "
+                f"({line[:80]!r})"
+            )
+        rows.append(dict(zip(header, fields)))
     for row in rows:
         if "path" in row and not os.path.isabs(row["path"]):
             row["path"] = str(path.parent / row["path"])

@@ -3,6 +3,7 @@ crop, the Gumbel temperature schedule, fairseq's feature penalty, and contrastiv
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -10,10 +11,30 @@ import torch
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
+from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
+
 # fairseq's wav2vec2-base ended its 400k updates with the Gumbel temperature at its floor (0.5);
 # a continued run starts there instead of re-heating the quantizer to 2.0 (which transformers
 # does on load) and scrambling the codebook the checkpoint learned.
 PRETRAINED_GUMBEL_STEPS = 400_000
+
+
+def crop_frames(crop_seconds: float, config, mask_time_length: int) -> int:
+    """The encoder frames of one --crop_seconds crop; SystemExit unless a --mask_time_length span fits in them."""
+    if not (math.isfinite(crop_seconds) and crop_seconds > 0):
+        raise SystemExit(f"error: --crop_seconds must be a positive number of seconds, not {crop_seconds}")
+    if mask_time_length < 1:
+        raise SystemExit(f"error: --mask_time_length must be at least 1 frame, not {mask_time_length}")
+    receptive_field, stride = conv_geometry(config)
+    frames = conv_frames(round(crop_seconds * TARGET_SAMPLE_RATE), receptive_field, stride)
+    if frames <= mask_time_length:  # transformers' mask sampler fails on a span longer than the crop
+        shortest = (receptive_field + mask_time_length * stride) / TARGET_SAMPLE_RATE
+        raise SystemExit(
+            f"error: --crop_seconds {crop_seconds} gives {frames} frame(s) (the model's receptive field is "
+            f"{receptive_field} samples, a frame every {stride} after it): a masked span of --mask_time_length "
+            f"{mask_time_length} needs more frames than that, at least {shortest:g} s of crop"
+        )
+    return frames
 
 
 class MaskAndNegatives:

@@ -3,6 +3,7 @@ and summed over all processes, with the crop streams' counts."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,10 @@ import torch
 from utils.cards import format_number
 from utils.crops import stream_totals
 from utils.training import gather_unreadable
+
+logger = logging.getLogger(__name__)
+# Beyond this share of crops that stayed silent through every redraw, the run is warned about.
+SILENT_SHARE_TO_WARN = 0.5
 
 
 @dataclass
@@ -25,6 +30,7 @@ class LogWindow:
     steps: int = 0
     start: float = field(default_factory=time.time)
     worker_stats: dict[int, dict] = field(default_factory=dict)  # each loader worker's crop counts so far
+    warned_silent: bool = False  # the mostly-silent-corpus warning is given once per run
 
     def add(self, out, mask_time_indices: torch.Tensor, penalty: torch.Tensor, device) -> None:
         """One micro-batch's model output (summed losses) and feature penalty."""
@@ -61,6 +67,17 @@ def train_row(
         ),
         reduction="sum",
     )
+    crops, all_silent = int(stream_global[0]), int(stream_global[2])
+    if crops and all_silent / crops > SILENT_SHARE_TO_WARN and not window.warned_silent:
+        window.warned_silent = True
+        if accelerator.is_main_process:
+            logger.warning(
+                "%.0f %% of the training crops so far (%d of %d) were silent on every try (RMS below --min_rms): "
+                "the corpus is mostly silence (or --min_rms is too high), and each such crop is the loudest of its tries",
+                100 * all_silent / crops,
+                all_silent,
+                crops,
+            )
     elapsed = time.time() - window.start
     record = {
         "step": step,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.audio import find_audio_files
-from utils.manifests import read_tsv
+from utils.manifests import escape_tsv, read_tsv, tsv_unsafe
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ def list_sources(inputs: list[str]) -> dict[str, str]:
             sources.update(name_files(files, path))
         else:
             sources.update(name_files([path], path.parent))
+    unsafe = [source for source in sources if tsv_unsafe(source)]
+    if unsafe:  # found now, not when index.tsv is written at the end
+        raise ValueError(
+            f"{len(unsafe)} input path(s) hold a tab or line break, which index.tsv cannot list: "
+            f"rename them, e.g. {escape_tsv(unsafe[0])}"
+        )
     return sources
 
 
@@ -57,7 +63,7 @@ def is_rttm(path: str) -> bool:
     """An .rttm file, or one whose first line is an RTTM SPEAKER line (otherwise: a segments TSV)."""
     if path.lower().endswith(".rttm"):
         return True
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first line
         return f.readline().startswith("SPEAKER ")
 
 
@@ -65,7 +71,7 @@ def read_segments(path: str) -> list[tuple[str, float, float, str]]:
     """(key, start, end, label) per segment; the key is the RTTM file id or the TSV's absolute path."""
     segments = []
     if is_rttm(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [(n, line.split()) for n, line in enumerate(f, 1)]
         for n, fields in lines:
             if not fields or fields[0] != "SPEAKER":

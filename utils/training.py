@@ -16,6 +16,7 @@ import torch
 
 from utils.audio import TARGET_SAMPLE_RATE
 from utils.cards import card_flag_problem
+from utils.recipes import read_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,6 @@ def rename_deprecated(argv: list[str], recipe: dict, current: set[str], source: 
 
 def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
     """HfArgumentParser, with an optional YAML recipe as the first argument; flags override it."""
-    import yaml
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -157,7 +157,10 @@ def parse_args_with_recipe(dataclass_types, argv: list[str] | None = None):
         recipe_path = Path(argv.pop(0))
         if not recipe_path.is_file():
             parser.error(f"recipe file not found: {recipe_path}")
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        try:
+            recipe = read_recipe(recipe_path)
+        except ValueError as error:  # one line: the usage message says nothing about a recipe's content
+            raise SystemExit(f"error: {error}") from None
     known = {action.dest for action in parser._actions}
     argv, recipe = rename_deprecated(argv, recipe, known, f"recipe {recipe_path}")
     if recipe:
@@ -273,10 +276,23 @@ def append_jsonl(path, record: dict) -> None:
 
 
 def read_jsonl(path) -> list[dict]:
+    """The rows of a JSONL log. A cut-off last line (a run killed mid-write) is dropped with a warning;
+    a broken line before it is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().split("\n"), 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number != lines[-1][0]:
+                raise SystemExit(
+                    f"error: {path}, line {number} is not JSON ({error}): mend or delete that line"
+                ) from None
+            logger.warning("%s: dropping its last line %d, cut off (%s): %.60r", path, number, error, line)
+    return rows
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
