@@ -513,7 +513,7 @@ def main(argv=None):
     preempted = train(run, model, optimizer, scheduler, state, stop)
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save_outputs(run, state, data_summary, base_model)
-        stop.release()
+    stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
     return None if preempted else output_dir

@@ -504,7 +504,7 @@ def main(argv=None):
     )
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start)
-        stop.release()
+    stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
     return None if preempted else output_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, flags, log_rows, run_script, write_signal
+from helpers import REPO, flags, log_rows, logged_steps, run_script, sigterm_group_when, write_signal
 
 PROBE = "tests/pretrain_probe.py"
 
@@ -330,6 +330,56 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_bas
     state = json.loads((checkpoints[0] / "training_state.json").read_text())
     assert state["step"] >= 3 and state["step"] == log_rows(out)[-1]["step"]
     assert "SIGTERM" in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_two_workers_then_resume_matches_the_uninterrupted_run(
+    corpus, tmp_path, tiny_base_dir
+):
+    """A cluster signals every process of the job, DataLoader workers included: the workers go on,
+    the main process saves a checkpoint and exits 0, and the resumed run logs the same losses."""
+    options = dict(max_train_steps=20, num_workers=2)
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    run_script("pretrain.py", *base_args(corpus, straight, tiny_base_dir, **options))
+    args = base_args(corpus, preempted, tiny_base_dir, **options)
+    result = sigterm_group_when(
+        "pretrain.py", *args, ready=lambda: logged_steps(preempted) >= 3, log_file=tmp_path / "preempted.log"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "killed by signal" not in result.stdout and "SIGTERM: saved a checkpoint" in result.stdout
+    (checkpoint,) = (preempted / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 20, (
+        "the run must be stopped mid-way for this test to mean anything"
+    )
+    run_script("pretrain.py", *args, "--resume_from_checkpoint", "latest")
+    expected, resumed = log_rows(straight), log_rows(preempted)
+    assert [r["step"] for r in resumed] == list(range(1, 21)) == [r["step"] for r in expected]
+    for a, b in zip(expected, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_handler_is_handed_back_after_a_preempted_run(corpus, tmp_path, tiny_base_dir, monkeypatch):
+    """After the SIGTERM checkpoint, SIGTERM ends the process again: a launcher can stop a stuck exit,
+    and main() called from Python leaves the caller's handler in place."""
+    import accelerate
+
+    import pretrain
+
+    original_backward, calls = accelerate.Accelerator.backward, []
+
+    def backward(self, loss, **kwargs):  # the signal arrives during the second update
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", backward)
+    out = tmp_path / "run"
+    sigterm = signal.getsignal(signal.SIGTERM)
+    assert pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5)) is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"] and len(calls) == 2
 
 
 @pytest.mark.slow

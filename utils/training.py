@@ -232,10 +232,22 @@ def start_train_log(
 def make_loader(dataset, num_workers: int, **options) -> torch.utils.data.DataLoader:
     """A DataLoader with a private generator: creating its iterator must not draw from the global
     torch RNG, or a resumed run (RNG restored from the checkpoint) would diverge from an
-    uninterrupted one."""
+    uninterrupted one. Its workers ignore SIGTERM (see ignore_sigterm)."""
     return torch.utils.data.DataLoader(
-        dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator(), **options
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
+        worker_init_fn=ignore_sigterm,
+        **options,
     )
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process. Clusters (SLURM, Kubernetes) signal every
+    process of a job; a worker that died of it would crash the main process before it saved anything.
+    The workers still end with the main process (its shutdown, or their watch on its pid)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def append_jsonl(path, record: dict) -> None:
