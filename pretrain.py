@@ -24,7 +24,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
 from utils.cards import push_folder_to_hub
-from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint_loading import load_checkpoint
+from utils.checkpoints import save_checkpoint
 from utils.crops import CropStream
 from utils.manifests import (
     parse_weighted_manifests,
@@ -332,12 +333,13 @@ class LoopState:
     unreadable: set[str] = field(default_factory=set)
 
 
-def resume(accelerator, output_dir: Path, train_args: TrainingArguments, train_stream: CropStream) -> LoopState:
+def resume(
+    accelerator, objects, output_dir: Path, train_args: TrainingArguments, train_stream: CropStream
+) -> LoopState:
     """A fresh start, or the state of --resume_from_checkpoint with the train stream moved to its position."""
-    checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
+    state, checkpoint = load_checkpoint(accelerator, objects, output_dir, train_args)
     if checkpoint is None:
         return LoopState()
-    state = load_checkpoint(accelerator, checkpoint, train_args)
     train_stream.start_at(state["epoch"], state["batch_in_epoch"])
     logger.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
@@ -440,7 +442,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             state.unreadable = gather_unreadable(accelerator, state.unreadable)
             checkpoint_state = {**position, "unreadable": sorted(state.unreadable)}
-            save_checkpoint(accelerator, output_dir, step, checkpoint_state, train_args)
+            save_checkpoint(accelerator, (model, optimizer, scheduler), output_dir, step, checkpoint_state, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
@@ -493,9 +495,8 @@ def main(argv=None):
 
     optimizer, scheduler = make_optimizer(model, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    state = resume(accelerator, output_dir, train_args, data.train)
+    state = resume(accelerator, (model, optimizer, scheduler), output_dir, train_args, data.train)
     log_path = start_train_log(accelerator, output_dir, state.step, args._asdict(), trackers, "pretrain")
 
     stop = StopSignal()

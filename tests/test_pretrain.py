@@ -2,8 +2,10 @@
 two processes, outputs, and errors."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -480,6 +482,168 @@ def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny
     )
     assert "per_device_train_batch_size 4 -> 2" in caplog.text and "not exactly where it stopped" in caplog.text
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def checkpointed(corpus, tmp_path_factory, tiny_base_dir):
+    """A 4-step run with checkpoints at steps 2 and 4; tests damage copies of it."""
+    import pretrain
+
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2))
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class RunsCode:
+    """Unpickled without weights_only, it creates the marker file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
+        (lambda c: truncate(c / "optimizer.bin"), "optimizer.bin"),
+        (lambda c: (c / "training_state.json").unlink(), "training_state.json"),
+    ],
+    ids=["truncated-model", "truncated-optimizer", "missing-state-file"],
+)
+def test_latest_skips_a_corrupt_checkpoint_loudly(
+    checkpointed, corpus, tmp_path, tiny_base_dir, caplog, damage, named
+):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    damage(out / "checkpoints" / "checkpoint-4")
+    caplog.set_level(logging.INFO)
+    pretrain.main(
+        base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2, resume_from_checkpoint="latest")
+    )
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "corrupt" in r.getMessage()
+    ]
+    assert str(out / "checkpoints" / "checkpoint-4" / named) in warning
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in warning
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-2'} at step 2" in caplog.text
+    # steps 3 and 4 again, as the first time; checkpoint-4 is complete again
+    assert [(r["step"], r["loss"]) for r in log_rows(out)] == [(r["step"], r["loss"]) for r in log_rows(checkpointed)]
+    assert json.loads((out / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_given_by_path_is_an_error_naming_the_file(checkpointed, corpus, tmp_path, tiny_base_dir):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    truncate(checkpoint / "optimizer.bin")
+    with pytest.raises(
+        SystemExit, match=f"error: --resume_from_checkpoint .*{checkpoint / 'optimizer.bin'} is truncated"
+    ):
+        pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint=checkpoint))
+
+
+@pytest.mark.slow
+def test_truncated_rng_states_resume_with_a_warning_that_exactness_is_lost(
+    checkpointed, corpus, tmp_path, tiny_base_dir, caplog
+):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    (rng,) = [p for p in checkpoint.iterdir() if p.name.startswith(("rng_state", "random_states"))]
+    truncate(rng)
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint="latest"))
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and rng.name in r.getMessage()
+    ]
+    assert "NOT an exact continuation" in warning
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_loading_a_checkpoint_runs_no_code(checkpointed, corpus, tmp_path, tiny_base_dir):
+    """accelerate's load_state unpickles custom_checkpoint_N.pkl with weights_only=False; ours reads
+    nothing but plain data, so a crafted file is ignored or refused, never run."""
+    import pretrain
+
+    out, marker = copy_of(checkpointed, tmp_path), tmp_path / "code-ran"
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    torch.save({"state": RunsCode(marker)}, checkpoint / "custom_checkpoint_0.pkl")
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint="latest"))
+    assert not marker.exists() and [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5]
+
+    torch.save({"state": RunsCode(marker)}, checkpoint / "optimizer.bin")
+    with pytest.raises(SystemExit, match=f"{checkpoint / 'optimizer.bin'} is (truncated|unreadable)"):
+        pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint=checkpoint))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_earlier_checkpoints(
+    corpus, tmp_path, tiny_base_dir, monkeypatch
+):
+    import pretrain
+
+    real_save, optimizer_saves = torch.save, []
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.bin"):
+            optimizer_saves.append(f)
+            if len(optimizer_saves) == 2:  # half written, then what torch.save raises on a full disk
+                real_save(obj, f, *args, **kwargs)
+                truncate(Path(f))
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    out, sigterm = tmp_path / "run", signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=6, save_steps=2))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    message = str(stopped.value)
+    assert f"could not write checkpoint {out / 'checkpoints' / 'checkpoint-4'}" in message
+    assert "unexpected pos" in message and "MiB free" in message and "(checkpoint-2)" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    monkeypatch.undo()
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_error_with_two_workers_still_ends_the_process(corpus, tmp_path, tiny_base_dir):
+    """Workers ignore SIGTERM, which is how multiprocessing ends them at exit: after an error (here a
+    checkpoint that cannot be written) the process must end all the same, with one clear line."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-checkpoint-2").write_text("a file where the temporary folder goes")
+    args = base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2, num_workers=2)
+    result = run_script("pretrain.py", *args, "--resume_from_checkpoint", "latest", check=False, timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (
+        f"error: could not write checkpoint {out / 'checkpoints' / 'checkpoint-2'}: FileExistsError" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Every script
   audio              seeking reads at 16 kHz mono, resampling, downmix; the conv encoder's frame geometry
   manifests          scan, validate and split recordings by participant; TSV manifests and their columns
   training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
-  checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
+  checkpoints        atomic checkpoints of plain data (save, list; a failed write leaves nothing), model folders
+  checkpoint_loading resume: every file checked, read as plain data, then applied; 'latest' skips corrupt ones
   cards              model-card figures, software versions, hardware; the Hub push
 pretrain.py
   pretrain_arguments its flags
