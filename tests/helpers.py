@@ -83,10 +83,17 @@ def run_script(script, *args, env_extra=None, launcher=None, check=True, timeout
 
 def sigterm_group_when(script, *args, ready, log_file, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     """Run a repo script in a process group of its own and, once ready() is true, send SIGTERM to the
-    whole group (`kill -TERM -- -PGID`), DataLoader workers included, as SLURM and Kubernetes do. The
-    output goes to log_file (a pipe nobody reads would fill up and stall the script)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    whole group (`kill -TERM -- -PGID`), DataLoader workers included, as SLURM and Kubernetes do."""
     command = [sys.executable, str(REPO / script), *map(str, args)]
+    return signal_when(command, ready, log_file, signal.SIGTERM, True, env_extra, timeout)
+
+
+def signal_when(command, ready, log_file, sig, to_group: bool, env_extra=None, timeout=300):
+    """Run command in a process group of its own; once ready() is true, send sig to the process (or to
+    its whole group); wait for it to end. The output goes to log_file (a pipe nobody reads would fill
+    up and stall the command); nothing of the group outlives the call."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    command = list(map(str, command))
     with open(log_file, "w") as log:
         process = subprocess.Popen(
             command,
@@ -101,10 +108,10 @@ def sigterm_group_when(script, *args, ready, log_file, env_extra=None, timeout=3
             time.sleep(0.05)
         try:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                (os.killpg if to_group else os.kill)(process.pid, sig)
             process.wait(timeout=timeout)
         finally:
-            try:  # nothing of the group may outlive the test
+            try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, flags, log_rows, logged_steps, run_script, sigterm_group_when, write_signal
+from helpers import REPO, flags, log_rows, logged_steps, run_script, signal_when, sigterm_group_when, write_signal
 
 PROBE = "tests/pretrain_probe.py"
 
@@ -384,6 +384,74 @@ def test_sigterm_handler_is_handed_back_after_a_preempted_run(corpus, tmp_path, 
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"] and len(calls) == 2
 
 
+def slurm_job(tmp_path: Path, job_id: int, restarts: int = 0) -> dict[str, str]:
+    """The environment of a 2-node job with one process per node, faked on this machine (tests/fake_slurm)."""
+    import socket
+
+    fake = tmp_path / f"slurm-{job_id}-{restarts}"
+    fake.mkdir()
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    return {
+        "PATH": f"{REPO / 'tests' / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(fake),
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_RESTART_COUNT": str(restarts),
+        "GPUS_PER_NODE": "1",
+        "MAIN_PORT": str(port),
+        "MIXED_PRECISION": "no",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE": f"{sys.executable} -m accelerate.commands.accelerate_cli",
+    }
+
+
+@pytest.mark.slow
+def test_slurm_job_runs_two_processes_is_requeued_at_its_time_limit_and_continues(corpus, tmp_path, tiny_base_dir):
+    """slurm/pretrain.sbatch with faked SLURM variables and tools, 2 nodes x 1 CPU process: USR1 (the
+    time-limit warning) stops the training with a checkpoint and requeues the job; the requeued job
+    continues, and its losses are those of a job that ran straight through."""
+    args = base_args(corpus, tmp_path, tiny_base_dir, max_train_steps=8, per_device_train_batch_size=2, num_workers=2)
+    del args[args.index("--output_dir") : args.index("--output_dir") + 2]  # the job script sets it
+    sbatch = ["bash", REPO / "slurm" / "pretrain.sbatch", *args]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    result = run_script(
+        *sbatch[1:], launcher=["bash"], env_extra={**slurm_job(tmp_path, 7001), "OUTPUT_DIR": straight}
+    )
+    assert "2 node(s) x 1 process(es)" in result.stdout
+
+    job = {**slurm_job(tmp_path, 7002), "OUTPUT_DIR": str(stopped)}
+    try:
+        result = signal_when(
+            sbatch, lambda: logged_steps(stopped) >= 3, tmp_path / "stopped.log", signal.SIGUSR1, False, job
+        )
+    finally:  # the fake srun's tasks have process groups of their own
+        for pid in (Path(job["FAKE_SLURM_DIR"]) / "step_pids").read_text().split():
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert result.returncode == 0, result.stdout[-3000:]
+    calls = (Path(job["FAKE_SLURM_DIR"]) / "calls").read_text().splitlines()
+    assert calls == ["scancel --signal=TERM 7002", "requeue 7002"] and "killed by signal" not in result.stdout
+    (checkpoint,) = (stopped / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 8, (
+        "the job must be stopped mid-way for this test to mean anything"
+    )
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == ["rng_state_0.pt", "rng_state_1.pt"]
+
+    requeued = {**slurm_job(tmp_path, 7002, restarts=1), "OUTPUT_DIR": stopped}
+    run_script(*sbatch[1:], launcher=["bash"], env_extra=requeued)
+    expected, resumed = log_rows(straight), log_rows(stopped)
+    assert [r["step"] for r in resumed] == list(range(1, 9)) == [r["step"] for r in expected]
+    for a, b in zip(expected, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
+
+
 @pytest.mark.slow
 def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
     out = tmp_path / "robust"
@@ -595,6 +663,28 @@ def test_loading_a_checkpoint_runs_no_code(checkpointed, corpus, tmp_path, tiny_
     with pytest.raises(SystemExit, match=f"{checkpoint / 'optimizer.bin'} is (truncated|unreadable)"):
         pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint=checkpoint))
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_of_earlier_versions_still_resume_exactly(checkpointed, corpus, tmp_path, tiny_base_dir):
+    """Runs checkpointed through accelerate's save_state (scheduler in custom_checkpoint_0.pkl, RNG
+    states with numpy arrays in random_states_0.pkl, no file sizes) resume, read as plain data."""
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    (checkpoint / "scheduler.bin").rename(checkpoint / "custom_checkpoint_0.pkl")
+    rng = torch.load(checkpoint / "rng_state_0.pt", weights_only=True)
+    name, keys, position, has_gauss, cached = rng["numpy"]
+    legacy_numpy = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    legacy = {"step": 2, "random_state": rng["python"], "numpy_random_seed": legacy_numpy}
+    torch.save({**legacy, "torch_manual_seed": rng["torch"]}, checkpoint / "random_states_0.pkl")
+    (checkpoint / "rng_state_0.pt").unlink()
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    (checkpoint / "training_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert [(r["step"], r["loss"]) for r in log_rows(out)] == [(r["step"], r["loss"]) for r in log_rows(checkpointed)]
 
 
 @pytest.mark.slow
