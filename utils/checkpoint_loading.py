@@ -110,10 +110,11 @@ def apply_checkpoint(accelerator, objects: tuple, path: Path, contents: dict, tr
     accumulation or seed, whose data position points at other data)."""
     model, optimizer, scheduler = objects
     weights = contents["model"]
-    if weights and all(k.startswith("module.") for k in weights):  # a DDP-wrapped save of earlier versions
-        weights = {k[len("module.") :]: v for k, v in weights.items()}
+    for wrapper in ("module.", "_orig_mod."):  # names of a DDP- or torch.compile-wrapped model (earlier versions)
+        if weights and all(k.startswith(wrapper) for k in weights):
+            weights = {k[len(wrapper) :]: v for k, v in weights.items()}
     try:
-        accelerator.unwrap_model(model).load_state_dict(weights)
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(weights)
         optimizer.load_state_dict(contents["optimizer"])
         scheduler.load_state_dict(contents["scheduler"])
         if contents["scaler"] is not None and accelerator.scaler is not None:

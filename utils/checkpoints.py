@@ -133,7 +133,10 @@ def _write_state(accelerator, objects: tuple, folder: Path) -> None:
 
     model, optimizer, scheduler = objects
     if accelerator.is_main_process:
-        weights = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        weights = {
+            k: v.contiguous()
+            for k, v in accelerator.unwrap_model(model, keep_torch_compile=False).state_dict().items()
+        }
         save_file(weights, str(folder / MODEL_FILE), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
