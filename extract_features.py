@@ -44,7 +44,7 @@ from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
 from utils.manifests import write_tsv
 from utils.segments import Job, is_rttm, list_sources, make_jobs, name_files, read_segments
-from utils.training import load_feature_extractor
+from utils.training import StopSignal, ignore_sigterm, load_feature_extractor
 from utils.windows import WindowReader, as_is, batches, run_model
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,9 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
         feature_extractor.do_normalize,
         args.skip_existing,
     )
-    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.num_workers, collate_fn=as_is)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_size=None, num_workers=args.num_workers, collate_fn=as_is, worker_init_fn=ignore_sigterm
+    )
     layers_column = "last" if layers is None else ",".join(map(str, layers))
     layer_axis = args.layers == "all" or (layers is not None and len(layers) > 1)
     outputs = OutputFiles(
@@ -253,6 +255,7 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio hours [{elapsed}<{remaining}{postfix}]",
     )
     audio_seconds, started, cpu_started = 0.0, time.perf_counter(), time.process_time()
+    stop = StopSignal()  # cluster preemption: the files begun are finished, then the loop ends
     try:
         for kind, payload in batches(loader, args.batch_size, full_window, pad_with_mask):
             if kind == "batch":
@@ -271,11 +274,15 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
             else:
                 outputs.done(payload)  # complete from an earlier run
                 progress.update(payload["num_frames"] / frame_rate / 3600)
+            if outputs.stop_when_open_files_complete(stop.received):
+                logger.warning("SIGTERM: stopped with %d outputs complete; --skip_existing goes on", len(outputs.rows))
+                break
     finally:
+        stop.release()
         outputs.abort_all()  # whatever is still open was cut short
         progress.close()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    return outputs, {"audio_seconds": audio_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    return outputs, dict(audio_seconds=audio_seconds, seconds=seconds, cpu_seconds=cpu_seconds, stopped=stop.received)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +342,7 @@ def main(argv=None) -> dict:
         "seconds": round(seconds, 3),
         "cpu_seconds": round(timing["cpu_seconds"], 3),
         "realtime_factor": round(audio_seconds / seconds, 1) if seconds else None,
+        "stopped_by_sigterm": timing["stopped"],
     }
 
 

@@ -294,7 +294,10 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             state.unreadable = gather_unreadable(accelerator, state.unreadable)
-            save_checkpoint(accelerator, run.output_dir, step, state.checkpoint_state(run.corpus.vocab), train_args)
+            checkpoint_state = state.checkpoint_state(run.corpus.vocab)
+            save_checkpoint(
+                accelerator, (model, optimizer, scheduler), run.output_dir, step, checkpoint_state, train_args
+            )
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
@@ -500,9 +503,8 @@ def main(argv=None):
         num_training_steps=train_args.max_train_steps,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    state, checkpoint = resume(accelerator, output_dir, train_args, corpus.vocab)
+    state, checkpoint = resume(accelerator, (model, optimizer, scheduler), output_dir, train_args, corpus.vocab)
     if checkpoint is not None:
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, *state.position.values()
@@ -522,7 +524,7 @@ def main(argv=None):
     preempted = train(run, model, optimizer, scheduler, state, stop)
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save_outputs(run, state, data_summary, base_model)
-        stop.release()
+    stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
     state.guard.raise_if_stopped()

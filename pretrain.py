@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 
 from utils.cards import push_folder_to_hub
-from utils.checkpoints import check_start_weights, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint_loading import load_checkpoint
+from utils.checkpoints import check_start_weights, save_checkpoint
 from utils.crops import CropStream, exit_on_unreadable
 from utils.dataset_recordings import dataset_recordings
 from utils.manifests import (
@@ -344,13 +345,14 @@ class LoopState:
     guard: UpdateGuard = field(default_factory=UpdateGuard)
 
 
-def resume(accelerator, output_dir: Path, train_args: TrainingArguments, train_stream: CropStream) -> LoopState:
+def resume(
+    accelerator, objects, output_dir: Path, train_args: TrainingArguments, train_stream: CropStream
+) -> LoopState:
     """A fresh start, or the state of --resume_from_checkpoint with the train stream moved to its position."""
     guard = UpdateGuard(train_args.max_consecutive_nonfinite, output_dir)
-    checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
+    state, checkpoint = load_checkpoint(accelerator, objects, output_dir, train_args)
     if checkpoint is None:
         return LoopState(guard=guard)
-    state = load_checkpoint(accelerator, checkpoint, train_args)
     train_stream.start_at(state["epoch"], state["batch_in_epoch"])
     logger.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
@@ -455,7 +457,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
             state.unreadable = gather_unreadable(accelerator, state.unreadable)
             checkpoint_state = {**position, "unreadable": sorted(state.unreadable), **state.guard.counts()}
-            save_checkpoint(accelerator, output_dir, step, checkpoint_state, train_args)
+            save_checkpoint(accelerator, (model, optimizer, scheduler), output_dir, step, checkpoint_state, train_args)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
@@ -507,9 +509,8 @@ def main(argv=None):
 
     optimizer, scheduler = make_optimizer(model, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    state = resume(accelerator, output_dir, train_args, data.train)
+    state = resume(accelerator, (model, optimizer, scheduler), output_dir, train_args, data.train)
     log_path = start_train_log(accelerator, output_dir, state.step, args._asdict(), trackers, "pretrain")
 
     stop = StopSignal()
@@ -518,7 +519,7 @@ def main(argv=None):
     )
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start)
-        stop.release()
+    stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)
     state.guard.raise_if_stopped()

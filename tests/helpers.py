@@ -3,8 +3,10 @@ count; a script runner, a flag builder and a train-log reader."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,49 @@ def run_script(script, *args, env_extra=None, launcher=None, check=True, timeout
             f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-6000:]}"
         )
     return result
+
+
+def sigterm_group_when(script, *args, ready, log_file, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run a repo script in a process group of its own and, once ready() is true, send SIGTERM to the
+    whole group (`kill -TERM -- -PGID`), DataLoader workers included, as SLURM and Kubernetes do."""
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    return signal_when(command, ready, log_file, signal.SIGTERM, True, env_extra, timeout)
+
+
+def signal_when(command, ready, log_file, sig, to_group: bool, env_extra=None, timeout=300):
+    """Run command in a process group of its own; once ready() is true, send sig to the process (or to
+    its whole group); wait for it to end. The output goes to log_file (a pipe nobody reads would fill
+    up and stall the command); nothing of the group outlives the call."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    command = list(map(str, command))
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**env, **(env_extra or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while process.poll() is None and time.time() < deadline and not ready():
+            time.sleep(0.05)
+        try:
+            if process.poll() is None:
+                (os.killpg if to_group else os.kill)(process.pid, sig)
+            process.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(command, process.returncode, Path(log_file).read_text(), "")
+
+
+def logged_steps(output_dir) -> int:
+    """Complete lines in a running script's train_log.jsonl (0 before it exists)."""
+    path = Path(output_dir) / "train_log.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
 
 
 def log_rows(output_dir) -> list[dict]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import flags, run_script, write_signal
+from helpers import flags, run_script, sigterm_group_when, write_signal
 from safetensors import safe_open
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
@@ -333,6 +333,32 @@ def test_unreadable_files_are_listed_and_the_job_resumes(models, tmp_path):
 
     with pytest.raises(SystemExit, match="--skip_existing.*layers"):
         extract(models["base"], out, audio_dir, chunk_seconds=2, context_seconds=1, skip_existing=True, layers="all")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_finishes_the_files_begun_and_exits_cleanly(models, tmp_path):
+    """SIGTERM to every process (main and 2 workers): the outputs begun are completed, nothing else is
+    begun, index.tsv lists exactly the complete outputs, status 0; --skip_existing then finishes the job
+    with the features of an uninterrupted run."""
+    for i in range(8):
+        write_signal(tmp_path / "audio" / f"f{i}.wav", steady(20, seed=50 + i), SR)
+    out, options = tmp_path / "out", dict(chunk_seconds=4, context_seconds=1, batch_size=2)
+    args = [*flags(model_name_or_path=models["base"], output_dir=out, num_workers=2, **options), tmp_path / "audio"]
+    result = sigterm_group_when(
+        "extract_features.py", *args, ready=lambda: any(out.glob("*.npy")), log_file=tmp_path / "log"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert '"stopped_by_sigterm": true' in result.stdout and "killed by signal" not in result.stdout
+    done = sorted(p.name for p in out.glob("*.npy"))
+    assert 1 <= len(done) < 8 and not list(out.rglob("*.partial"))
+    assert sorted(r["output"] for r in read_tsv(out / "index.tsv", [])) == done
+    assert all(np.load(out / name).shape == (999, 32) for name in done)
+
+    extract(models["base"], out, tmp_path / "audio", skip_existing=True, **options)
+    extract(models["base"], tmp_path / "straight", tmp_path / "audio", **options)
+    assert read_tsv(out / "index.tsv", []) == read_tsv(tmp_path / "straight" / "index.tsv", [])
+    for i in range(8):
+        np.testing.assert_allclose(np.load(out / f"f{i}.npy"), np.load(tmp_path / "straight" / f"f{i}.npy"), atol=1e-5)
 
 
 class FakeState:

@@ -4,6 +4,7 @@ transcription, the flag names, and clear errors."""
 
 import json
 import logging
+import os
 import signal
 import sys
 import unicodedata
@@ -14,7 +15,7 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from helpers import REPO, chirp, flags, log_rows, losses, run_script, write_signal
+from helpers import REPO, chirp, flags, log_rows, logged_steps, losses, run_script, sigterm_group_when, write_signal
 
 
 def subset(manifest: Path, target: Path, rows: int) -> Path:
@@ -308,6 +309,63 @@ def test_rerunning_a_finished_run_keeps_its_best_model(labelled, pretrained, tmp
     run_script("finetune_ctc.py", *args)
     assert torch.equal(load_file(out / "model.safetensors")["lm_head.bias"], marked["lm_head.bias"])
     assert json.loads((out / "eval_results.json").read_text())["model_step"] == results["model_step"]
+
+
+def small_run(labelled, pretrained, tmp_path, **options) -> list[str]:
+    train = subset(labelled / "train.tsv", tmp_path / "train.tsv", 48)
+    dev = subset(labelled / "dev.tsv", tmp_path / "dev.tsv", 8)
+    settings = dict(per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, eval_steps=0, save_steps=0)
+    return flags(
+        model_name_or_path=pretrained, train_manifest=train, dev_manifest=dev, report_to="none", **settings, **options
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_two_workers_then_resume_matches_the_uninterrupted_run(
+    labelled, pretrained, tmp_path
+):
+    """SIGTERM to every process of the job, DataLoader workers included: a checkpoint, status 0, and
+    the resumed run logs the uninterrupted run's losses."""
+    args = small_run(labelled, pretrained, tmp_path, max_train_steps=12, num_workers=2)
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    run_script("finetune_ctc.py", *args, "--output_dir", straight)
+    args += ["--output_dir", preempted]
+    result = sigterm_group_when(
+        "finetune_ctc.py", *args, ready=lambda: logged_steps(preempted) >= 3, log_file=tmp_path / "preempted.log"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "killed by signal" not in result.stdout and "SIGTERM: saved a checkpoint" in result.stdout
+    (checkpoint,) = (preempted / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 16, (
+        "the run must be stopped mid-way for this test to mean anything"
+    )
+    run_script("finetune_ctc.py", *args, "--resume_from_checkpoint", "latest")
+    expected, resumed = losses(straight), losses(preempted)
+    assert sorted(resumed) == list(range(1, 13)) == sorted(expected)
+    assert all(abs(expected[step] - resumed[step]) < 1e-5 for step in expected), (expected, resumed)
+
+
+@pytest.mark.slow
+def test_sigterm_handler_is_handed_back_after_a_preempted_run(labelled, pretrained, tmp_path, monkeypatch):
+    import accelerate
+
+    import finetune_ctc
+
+    original_backward, calls = accelerate.Accelerator.backward, []
+
+    def backward(self, loss, **kwargs):  # the signal arrives during the second update
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", backward)
+    out = tmp_path / "run"
+    sigterm = signal.getsignal(signal.SIGTERM)
+    args = small_run(labelled, pretrained, tmp_path, max_train_steps=5, num_workers=0)
+    assert finetune_ctc.main([*args, "--output_dir", str(out)]) is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # a launcher can stop a stuck exit
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"] and len(calls) == 2
 
 
 # --------------------------------------------------------------------------------------------- datasets

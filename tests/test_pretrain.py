@@ -2,8 +2,10 @@
 two processes, outputs, and errors."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, flags, log_rows, run_script, write_signal
+from helpers import REPO, flags, log_rows, logged_steps, run_script, signal_when, sigterm_group_when, write_signal
 
 PROBE = "tests/pretrain_probe.py"
 
@@ -333,6 +335,124 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path, tiny_bas
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_process_group_with_two_workers_then_resume_matches_the_uninterrupted_run(
+    corpus, tmp_path, tiny_base_dir
+):
+    """A cluster signals every process of the job, DataLoader workers included: the workers go on,
+    the main process saves a checkpoint and exits 0, and the resumed run logs the same losses."""
+    options = dict(max_train_steps=12, num_workers=2)
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    run_script("pretrain.py", *base_args(corpus, straight, tiny_base_dir, **options))
+    args = base_args(corpus, preempted, tiny_base_dir, **options)
+    result = sigterm_group_when(
+        "pretrain.py", *args, ready=lambda: logged_steps(preempted) >= 3, log_file=tmp_path / "preempted.log"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "killed by signal" not in result.stdout and "SIGTERM: saved a checkpoint" in result.stdout
+    (checkpoint,) = (preempted / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 20, (
+        "the run must be stopped mid-way for this test to mean anything"
+    )
+    run_script("pretrain.py", *args, "--resume_from_checkpoint", "latest")
+    expected, resumed = log_rows(straight), log_rows(preempted)
+    assert [r["step"] for r in resumed] == list(range(1, 13)) == [r["step"] for r in expected]
+    for a, b in zip(expected, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_handler_is_handed_back_after_a_preempted_run(corpus, tmp_path, tiny_base_dir, monkeypatch):
+    """After the SIGTERM checkpoint, SIGTERM ends the process again: a launcher can stop a stuck exit,
+    and main() called from Python leaves the caller's handler in place."""
+    import accelerate
+
+    import pretrain
+
+    original_backward, calls = accelerate.Accelerator.backward, []
+
+    def backward(self, loss, **kwargs):  # the signal arrives during the second update
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", backward)
+    out = tmp_path / "run"
+    sigterm = signal.getsignal(signal.SIGTERM)
+    assert pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5)) is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"] and len(calls) == 2
+
+
+def slurm_job(tmp_path: Path, job_id: int, restarts: int = 0) -> dict[str, str]:
+    """The environment of a 2-node job with one process per node, faked on this machine (tests/fake_slurm)."""
+    import socket
+
+    fake = tmp_path / f"slurm-{job_id}-{restarts}"
+    fake.mkdir()
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    return {
+        "PATH": f"{REPO / 'tests' / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(fake),
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_RESTART_COUNT": str(restarts),
+        "GPUS_PER_NODE": "1",
+        "MAIN_PORT": str(port),
+        "MIXED_PRECISION": "no",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE": f"{sys.executable} -m accelerate.commands.accelerate_cli",
+    }
+
+
+@pytest.mark.slow
+def test_slurm_job_runs_two_processes_is_requeued_at_its_time_limit_and_continues(corpus, tmp_path, tiny_base_dir):
+    """slurm/pretrain.sbatch with faked SLURM variables and tools, 2 nodes x 1 CPU process: USR1 (the
+    time-limit warning) stops the training with a checkpoint and requeues the job; the requeued job
+    continues, and its losses are those of a job that ran straight through."""
+    args = base_args(corpus, tmp_path, tiny_base_dir, max_train_steps=8, per_device_train_batch_size=2, num_workers=2)
+    del args[args.index("--output_dir") : args.index("--output_dir") + 2]  # the job script sets it
+    sbatch = ["bash", REPO / "slurm" / "pretrain.sbatch", *args]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    result = run_script(
+        *sbatch[1:], launcher=["bash"], env_extra={**slurm_job(tmp_path, 7001), "OUTPUT_DIR": straight}
+    )
+    assert "2 node(s) x 1 process(es)" in result.stdout
+
+    job = {**slurm_job(tmp_path, 7002), "OUTPUT_DIR": str(stopped)}
+    try:
+        result = signal_when(
+            sbatch, lambda: logged_steps(stopped) >= 3, tmp_path / "stopped.log", signal.SIGUSR1, False, job
+        )
+    finally:  # the fake srun's tasks have process groups of their own
+        for pid in (Path(job["FAKE_SLURM_DIR"]) / "step_pids").read_text().split():
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert result.returncode == 0, result.stdout[-3000:]
+    calls = (Path(job["FAKE_SLURM_DIR"]) / "calls").read_text().splitlines()
+    assert calls == ["scancel --signal=TERM 7002", "requeue 7002"] and "killed by signal" not in result.stdout
+    (checkpoint,) = (stopped / "checkpoints").glob("checkpoint-*")
+    assert 3 <= int(checkpoint.name.split("-")[1]) < 8, (
+        "the job must be stopped mid-way for this test to mean anything"
+    )
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == ["rng_state_0.pt", "rng_state_1.pt"]
+
+    requeued = {**slurm_job(tmp_path, 7002, restarts=1), "OUTPUT_DIR": stopped}
+    run_script(*sbatch[1:], launcher=["bash"], env_extra=requeued)
+    expected, resumed = log_rows(straight), log_rows(stopped)
+    assert [r["step"] for r in resumed] == list(range(1, 9)) == [r["step"] for r in expected]
+    for a, b in zip(expected, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
+
+
+@pytest.mark.slow
 def test_stable_layer_norm_config_trains(corpus, tmp_path, tiny_robust_dir):
     out = tmp_path / "robust"
     run_script("pretrain.py", *base_args(corpus, out, tiny_robust_dir, max_train_steps=4))
@@ -430,6 +550,190 @@ def test_resuming_with_another_batch_size_is_warned_about(corpus, tmp_path, tiny
     )
     assert "per_device_train_batch_size 4 -> 2" in caplog.text and "not exactly where it stopped" in caplog.text
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def checkpointed(corpus, tmp_path_factory, tiny_base_dir):
+    """A 4-step run with checkpoints at steps 2 and 4; tests damage copies of it."""
+    import pretrain
+
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2))
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class RunsCode:
+    """Unpickled without weights_only, it creates the marker file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
+        (lambda c: truncate(c / "optimizer.bin"), "optimizer.bin"),
+        (lambda c: (c / "training_state.json").unlink(), "training_state.json"),
+    ],
+    ids=["truncated-model", "truncated-optimizer", "missing-state-file"],
+)
+def test_latest_skips_a_corrupt_checkpoint_loudly(
+    checkpointed, corpus, tmp_path, tiny_base_dir, caplog, damage, named
+):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    damage(out / "checkpoints" / "checkpoint-4")
+    caplog.set_level(logging.INFO)
+    pretrain.main(
+        base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2, resume_from_checkpoint="latest")
+    )
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "corrupt" in r.getMessage()
+    ]
+    assert str(out / "checkpoints" / "checkpoint-4" / named) in warning
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in warning
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-2'} at step 2" in caplog.text
+    # steps 3 and 4 again, as the first time; checkpoint-4 is complete again
+    assert [(r["step"], r["loss"]) for r in log_rows(out)] == [(r["step"], r["loss"]) for r in log_rows(checkpointed)]
+    assert json.loads((out / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_given_by_path_is_an_error_naming_the_file(checkpointed, corpus, tmp_path, tiny_base_dir):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    truncate(checkpoint / "optimizer.bin")
+    with pytest.raises(
+        SystemExit, match=f"error: --resume_from_checkpoint .*{checkpoint / 'optimizer.bin'} is truncated"
+    ):
+        pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint=checkpoint))
+
+
+@pytest.mark.slow
+def test_truncated_rng_states_resume_with_a_warning_that_exactness_is_lost(
+    checkpointed, corpus, tmp_path, tiny_base_dir, caplog
+):
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    (rng,) = [p for p in checkpoint.iterdir() if p.name.startswith(("rng_state", "random_states"))]
+    truncate(rng)
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint="latest"))
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and rng.name in r.getMessage()
+    ]
+    assert "NOT an exact continuation" in warning
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_loading_a_checkpoint_runs_no_code(checkpointed, corpus, tmp_path, tiny_base_dir):
+    """accelerate's load_state unpickles custom_checkpoint_N.pkl with weights_only=False; ours reads
+    nothing but plain data, so a crafted file is ignored or refused, never run."""
+    import pretrain
+
+    out, marker = copy_of(checkpointed, tmp_path), tmp_path / "code-ran"
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    torch.save({"state": RunsCode(marker)}, checkpoint / "custom_checkpoint_0.pkl")
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint="latest"))
+    assert not marker.exists() and [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5]
+
+    torch.save({"state": RunsCode(marker)}, checkpoint / "optimizer.bin")
+    with pytest.raises(SystemExit, match=f"{checkpoint / 'optimizer.bin'} is (truncated|unreadable)"):
+        pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=5, resume_from_checkpoint=checkpoint))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_of_earlier_versions_still_resume_exactly(checkpointed, corpus, tmp_path, tiny_base_dir):
+    """Runs checkpointed through accelerate's save_state (scheduler in custom_checkpoint_0.pkl, RNG
+    states with numpy arrays in random_states_0.pkl, no file sizes) resume, read as plain data."""
+    import pretrain
+
+    out = copy_of(checkpointed, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    (checkpoint / "scheduler.bin").rename(checkpoint / "custom_checkpoint_0.pkl")
+    rng = torch.load(checkpoint / "rng_state_0.pt", weights_only=True)
+    name, keys, position, has_gauss, cached = rng["numpy"]
+    legacy_numpy = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    legacy = {"step": 2, "random_state": rng["python"], "numpy_random_seed": legacy_numpy}
+    torch.save({**legacy, "torch_manual_seed": rng["torch"]}, checkpoint / "random_states_0.pkl")
+    (checkpoint / "rng_state_0.pt").unlink()
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    (checkpoint / "training_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert [(r["step"], r["loss"]) for r in log_rows(out)] == [(r["step"], r["loss"]) for r in log_rows(checkpointed)]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_earlier_checkpoints(
+    corpus, tmp_path, tiny_base_dir, monkeypatch
+):
+    import pretrain
+
+    real_save, optimizer_saves = torch.save, []
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.bin"):
+            optimizer_saves.append(f)
+            if len(optimizer_saves) == 2:  # half written, then what torch.save raises on a full disk
+                real_save(obj, f, *args, **kwargs)
+                truncate(Path(f))
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    out, sigterm = tmp_path / "run", signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=6, save_steps=2))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    message = str(stopped.value)
+    assert f"could not write checkpoint {out / 'checkpoints' / 'checkpoint-4'}" in message
+    assert "unexpected pos" in message and "MiB free" in message and "(checkpoint-2)" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    monkeypatch.undo()
+    pretrain.main(base_args(corpus, out, tiny_base_dir, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_error_with_two_workers_still_ends_the_process(corpus, tmp_path, tiny_base_dir):
+    """Workers ignore SIGTERM, which is how multiprocessing ends them at exit: after an error (here a
+    checkpoint that cannot be written) the process must end all the same, with one clear line."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-checkpoint-2").write_text("a file where the temporary folder goes")
+    args = base_args(corpus, out, tiny_base_dir, max_train_steps=4, save_steps=2, num_workers=2)
+    result = run_script("pretrain.py", *args, "--resume_from_checkpoint", "latest", check=False, timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (
+        f"error: could not write checkpoint {out / 'checkpoints' / 'checkpoint-2'}: FileExistsError" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

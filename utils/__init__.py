@@ -5,7 +5,8 @@ Every script
   manifests          scan, validate and split recordings by participant; strict TSV manifests and their columns
   training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
   recipes            reading a YAML recipe safely (plain values only), errors that name the line
-  checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
+  checkpoints        atomic checkpoints of plain data (save, list; a failed write leaves nothing), model folders
+  checkpoint_loading resume: every file checked, read as plain data, then applied; 'latest' skips corrupt ones
   cards              model-card figures and YAML header, base-model lineage; the Hub push (private, allowlisted)
   run_folder         whose output folder it is: another run refused, resumed, or replaced (--overwrite_output_dir)
   numerics           NaN/Inf guards: audio samples, skipped updates and their count, weights, null metrics

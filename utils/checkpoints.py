@@ -1,15 +1,26 @@
-"""Checkpoints and model folders that a crash never leaves half written: save, list, resolve
-'latest', load."""
+"""Checkpoints and model folders that a crash or a full disk never leaves half written: save, list.
+utils/checkpoint_loading.py reads them back.
+
+A checkpoint holds only data that cannot run code when read: the weights in safetensors, the
+training state in JSON, and the optimizer, scheduler, gradient scaler and RNG states as tensors and
+numbers that torch.load reads with weights_only=True (accelerate's save_state/load_state would
+unpickle registered objects with weights_only=False). training_state.json records every file's size,
+so a truncated file is found before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from utils.numerics import nonfinite_tensors
 
@@ -42,6 +53,21 @@ def check_start_weights(model_name_or_path: str | None, config_name: str | None)
         )
 
 
+STATE_FILE = "training_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
+SCHEDULER_FILE = "scheduler.bin"
+SCALER_FILE = "scaler.pt"
+# Where checkpoints written through accelerate's save_state (earlier versions) keep the scheduler
+# and the RNG states; read here as plain data too, never unpickled.
+LEGACY_SCHEDULER_FILE = "custom_checkpoint_0.pkl"
+LOUD = "!" * 80
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
 def list_checkpoints(output_dir) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
@@ -50,79 +76,141 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def resolve_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
-    """'latest' -> newest complete checkpoint of output_dir (None if none yet); a path -> that path."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume_from_checkpoint)
-    if not (path / "training_state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json)")
-    return path
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(accelerator, output_dir, step: int, training_state: dict, train_args: TrainingArguments) -> Path:
-    """accelerator.save_state into a temporary folder, then an atomic rename; prune the oldest.
-
-    A crash at any moment leaves either the previous checkpoints or the new one complete; the
-    folder name only appears once training_state.json is written.
-    """
-    # A model gone NaN must not become the newest checkpoint, nor push a good one out (accelerator._models:
-    # the prepared models that save_state writes).
-    bad = [name for model in accelerator._models for name in nonfinite_tensors(accelerator.unwrap_model(model))]
+def save_checkpoint(
+    accelerator, objects: tuple, output_dir, step: int, training_state: dict, train_args: TrainingArguments
+) -> Path:
+    """Write (model, optimizer, scheduler) and the RNG and training states into a temporary folder,
+    then rename it; prune the oldest. A crash at any moment leaves the previous checkpoints and
+    either the new one complete or none. A failed write (a full disk) removes the temporary folder
+    and stops every process with one error naming the checkpoint and the free space."""
+    # A model gone NaN must not become the newest checkpoint, nor push a good one out.
+    bad = nonfinite_tensors(accelerator.unwrap_model(objects[0]))
     if bad:
         raise SystemExit(
             f"error: step {step}: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. {bad[0]}): no checkpoint "
             f"written, the earlier ones in {output_dir}/checkpoints are kept"
         )
     root = Path(output_dir) / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state_file = tmp / "training_state.json"
-        state_file.write_text(
-            json.dumps({**training_state, "step": step, "run_shape": run_shape(accelerator, train_args)}, indent=2)
-            + "\n"
-        )
-        _fsync_file(state_file)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if train_args.save_total_limit:
-            for old in list_checkpoints(output_dir)[: -train_args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    main = accelerator.is_main_process
+    state = {**training_state, "step": step, "run_shape": run_shape(accelerator, train_args)}
+    try:
+        _on_every_process(accelerator, lambda: _make_empty(tmp) if main else None)
+        _on_every_process(accelerator, lambda: _write_state(accelerator, objects, tmp))
+        _on_every_process(accelerator, lambda: _publish(tmp, final, state) if main else None)
+    except CheckpointWriteFailed as failure:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free / 2**20
+        kept = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
+        raise SystemExit(
+            f"error: could not write checkpoint {final}: {failure} ({free:.0f} MiB free there); "
+            f"its temporary folder is removed, the earlier checkpoints are as they were ({kept})"
+        ) from None
+    if main and train_args.save_total_limit:
+        for old in list_checkpoints(output_dir)[: -train_args.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path: Path, train_args: TrainingArguments) -> dict:
-    """Restore the checkpoint; warn loudly when the run resumes with another process count, batch
-    size, accumulation or seed: its data position then points at other data."""
-    accelerator.load_state(str(path))
-    state = json.loads((Path(path) / "training_state.json").read_text())
-    saved, current = state.get("run_shape"), run_shape(accelerator, train_args)
-    if saved and saved != current:
-        changed = ", ".join(
-            f"{key} {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value
-        )
-        logger.warning(
-            "%s\nresuming %s with %s: the run continues, but not exactly where it stopped (other crops or "
-            "batches from here on)\n%s",
-            "!" * 80,
-            path,
-            changed,
-            "!" * 80,
-        )
+class CheckpointWriteFailed(Exception):
+    pass
+
+
+def _on_every_process(accelerator, action) -> None:
+    """Run action here; if it failed on any process, raise CheckpointWriteFailed on all of them (no
+    process is left waiting for the others)."""
+    error = None
+    try:
+        action()
+    except Exception as caught:  # a full disk shows as OSError, SafetensorError or torch's RuntimeError
+        error = caught
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if failed:
+        raise CheckpointWriteFailed(f"{type(error).__name__}: {error}" if error else "another process failed")
+
+
+def _make_empty(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def _write_state(accelerator, objects: tuple, folder: Path) -> None:
+    """The main process writes the model, optimizer, scheduler (and fp16 scaler); each its RNG state."""
+    from safetensors.torch import save_file
+
+    model, optimizer, scheduler = objects
+    if accelerator.is_main_process:
+        weights = {
+            k: v.contiguous()
+            for k, v in accelerator.unwrap_model(model, keep_torch_compile=False).state_dict().items()
+        }
+        save_file(weights, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), folder / SCALER_FILE)
+    torch.save(rng_state(), folder / rng_file(accelerator.process_index))
+
+
+def _publish(tmp: Path, final: Path, state: dict) -> None:
+    """training_state.json (with every file's size) last, everything on disk, then one rename."""
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in sizes:
+        _fsync_file(tmp / name)
+    state_file = tmp / STATE_FILE
+    state_file.write_text(json.dumps({**state, "files": sizes}, indent=2) + "\n")
+    _fsync_file(state_file)
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # the same step saved again (a rerun): never a moment without either
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain tensors and numbers (no numpy objects to unpickle)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (
+            str(name),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gaussian),
+        ),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders
+# ---------------------------------------------------------------------------------------------
 
 
 def save_model_folder(folder: Path, model, processor, extra_files: dict[str, str] | None = None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import Wav2Vec2ForCTC
 
 from utils.batches import Loaders
-from utils.checkpoints import load_checkpoint, resolve_checkpoint
+from utils.checkpoint_loading import load_checkpoint
 from utils.ctc_arguments import CTCTrainingArguments, DataArguments, ModelArguments
 from utils.ctc_corpus import Corpus
 from utils.numerics import UpdateGuard
@@ -53,13 +53,11 @@ class Progress:
         }
 
 
-def resume(accelerator, output_dir: Path, train_args, vocab: dict) -> tuple[Progress, Path | None]:
-    """Step 0, or the state of --resume_from_checkpoint (weights, optimizer, scheduler and RNG
+def resume(accelerator, objects: tuple, output_dir: Path, train_args, vocab: dict) -> tuple[Progress, Path | None]:
+    """Step 0, or the state of --resume_from_checkpoint ((model, optimizer, scheduler) and RNG
     restored), which must have been trained with the same vocabulary; and that checkpoint."""
-    state = {}
-    checkpoint = resolve_checkpoint(output_dir, train_args.resume_from_checkpoint)
+    state, checkpoint = load_checkpoint(accelerator, objects, output_dir, train_args)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, train_args)
         if state.get("vocab") != vocab:
             raise SystemExit(
                 f"error: vocabulary mismatch: {checkpoint} was trained with another vocabulary "

@@ -153,6 +153,13 @@ class OutputFiles:
         self.failed_jobs: set[int] = set()
         self.rows: list[dict] = []
         self.failures: list[dict] = []
+        self.finishing: set[int] | None = None  # after SIGTERM: the outputs still to complete
+
+    def stop_when_open_files_complete(self, signalled: bool) -> bool:
+        """After SIGTERM no output file is begun; True once those open at the signal are complete."""
+        if signalled and self.finishing is None:
+            self.finishing = set(self.writers)
+        return self.finishing is not None and not self.finishing & self.writers.keys()
 
     def shape(self, num_frames: int) -> tuple[int, ...]:
         per_layer = (
@@ -164,6 +171,8 @@ class OutputFiles:
         job_id, job = item["job"]
         if job.source in self.failed_sources or job_id in self.failed_jobs:
             return  # the file (or this output) failed after this window was read
+        if self.finishing is not None and job_id not in self.writers:
+            return  # begun after SIGTERM: left for the next run
         if not np.isfinite(features).all():  # an fp16 overflow, or a model with NaN weights
             reason = "non-finite features (NaN or Inf) from the model: an fp16 overflow (--dtype), or NaN weights"
             self.fail({"source": job.source, "job": item["job"], "reason": reason})

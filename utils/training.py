@@ -3,9 +3,11 @@ data loaders, JSONL logs, optimizer groups, preemption and a clean exit."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
+import multiprocessing.util
 import signal
 import sys
 import warnings
@@ -264,10 +266,32 @@ def start_train_log(
 def make_loader(dataset, num_workers: int, **options) -> torch.utils.data.DataLoader:
     """A DataLoader with a private generator: creating its iterator must not draw from the global
     torch RNG, or a resumed run (RNG restored from the checkpoint) would diverge from an
-    uninterrupted one."""
+    uninterrupted one. Its workers ignore SIGTERM (see ignore_sigterm)."""
     return torch.utils.data.DataLoader(
-        dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator(), **options
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
+        worker_init_fn=ignore_sigterm,
+        **options,
     )
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process. Clusters (SLURM, Kubernetes) signal every
+    process of a job; a worker that died of it would crash the main process before it saved anything.
+    The workers still end with the main process (its shutdown, or their watch on its pid)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing.util's exit function (imported above), so it runs first
+def _end_loader_workers() -> None:
+    """At exit multiprocessing sends its daemonic children (loader workers) SIGTERM and waits for them.
+    Workers that ignore SIGTERM would keep it waiting forever when a crash left their loader open."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each as a worker failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def append_jsonl(path, record: dict) -> None:
