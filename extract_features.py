@@ -43,8 +43,9 @@ from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
 from utils.manifests import write_tsv
+from utils.processes import StopSignal, ignore_sigterm
 from utils.segments import Job, is_rttm, list_sources, make_jobs, name_files, read_segments
-from utils.training import StopSignal, ignore_sigterm, load_feature_extractor
+from utils.training import load_feature_extractor
 from utils.windows import WindowReader, as_is, batches, run_model
 
 logger = logging.getLogger(__name__)

@@ -43,11 +43,10 @@ from utils.ctc_card import eval_results, model_card, write_eval_results
 from utils.ctc_corpus import Corpus, select_training_utterances, stop_if_all_unreadable, summarize_data, write_split
 from utils.ctc_run import Progress, Run, resume
 from utils.dataset_utterances import dataset_utterances
+from utils.processes import StopSignal, end_processes
 from utils.run_folder import claim_output_dir
 from utils.training import (
-    StopSignal,
     append_jsonl,
-    end_processes,
     gather_unreadable,
     load_feature_extractor,
     make_accelerator,
@@ -525,7 +524,7 @@ def main(argv=None):
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save_outputs(run, state, data_summary, base_model)
     stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
-    del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
+    del model  # the DDP wrapper must not outlive the process group: see utils.processes.end_processes
     end_processes(accelerator)
     state.guard.raise_if_stopped()
     return None if preempted else output_dir

@@ -52,12 +52,11 @@ from utils.pretrain_arguments import (
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import LogWindow, dev_summary, train_row
+from utils.processes import StopSignal, end_processes
 from utils.run_folder import claim_output_dir
 from utils.training import (
-    StopSignal,
     TrainingArguments,
     append_jsonl,
-    end_processes,
     gather_unreadable,
     load_feature_extractor,
     make_accelerator,
@@ -520,7 +519,7 @@ def main(argv=None):
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
         save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start)
     stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
-    del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
+    del model  # the DDP wrapper must not outlive the process group: see utils.processes.end_processes
     end_processes(accelerator)
     state.guard.raise_if_stopped()
     return None if preempted else output_dir

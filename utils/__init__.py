@@ -3,7 +3,8 @@
 Every script
   audio              seeking reads at 16 kHz mono, resampling, downmix; the conv encoder's frame geometry
   manifests          scan, validate and split recordings by participant; strict TSV manifests and their columns
-  training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
+  training           shared training flags and YAML recipes, the Accelerator, loaders, logs
+  processes          SIGTERM polled between updates, loader workers that ignore it, a clean exit
   recipes            reading a YAML recipe safely (plain values only), errors that name the line
   checkpoints        atomic checkpoints of plain data (save, list; a failed write leaves nothing), model folders
   checkpoint_loading resume: every file checked, read as plain data, then applied; 'latest' skips corrupt ones

@@ -19,7 +19,7 @@ from utils.numerics import UpdateGuard
 @dataclass
 class Run:
     """What stays fixed while the run trains. It never holds the prepared (DDP-wrapped) model: that
-    must be freed before utils.training.end_processes, so only the script's main() and training
+    must be freed before utils.processes.end_processes, so only the script's main() and training
     loop see it."""
 
     model_args: ModelArguments
