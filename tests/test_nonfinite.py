@@ -328,14 +328,18 @@ def test_checkpoints_and_model_folders_refuse_nan_weights(tmp_path):
     from utils.checkpoints import list_checkpoints, save_checkpoint, save_model_folder
 
     accelerator = Accelerator()
-    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    objects = accelerator.prepare(model, optimizer, scheduler)
+    model = objects[0]
     train_args = SimpleNamespace(
         save_total_limit=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, seed=0
     )
-    save_checkpoint(accelerator, tmp_path, 1, {}, train_args)
+    save_checkpoint(accelerator, objects, tmp_path, 1, {}, train_args)
     model.weight.data[0, 0] = float("inf")
     with pytest.raises(SystemExit, match="step 2: 1 weight tensor.*weight.*no checkpoint written"):
-        save_checkpoint(accelerator, tmp_path, 2, {}, train_args)
+        save_checkpoint(accelerator, objects, tmp_path, 2, {}, train_args)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]  # not pruned by a NaN one
     with pytest.raises(SystemExit, match="not written"):
         save_model_folder(tmp_path / "final", model, processor=None)
