@@ -33,19 +33,14 @@ from utils.manifests import (
     split_by_participant,
     write_manifests,
 )
-from utils.objective import (
-    PRETRAINED_GUMBEL_STEPS,
-    MaskAndNegatives,
-    contrastive_correct,
-    feature_penalty,
-    gumbel_temperature,
-)
+from utils.objective import MaskAndNegatives, contrastive_correct, feature_penalty, gumbel_temperature
 from utils.pretrain_arguments import (
     Arguments,
     DataArguments,
     ModelArguments,
     ObjectiveArguments,
     apply_config_overrides,
+    resolve_objective_defaults,
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import LogWindow, train_row
@@ -197,11 +192,11 @@ def load_config(model_args: ModelArguments, objective: ObjectiveArguments) -> Wa
     return config
 
 
-def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2Vec2ForPreTraining, str, bool]:
-    """The model (random init with --config_name), its base model for the card, and whether it is from scratch."""
+def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2Vec2ForPreTraining, str]:
+    """The model (random init with --config_name) and its base model for the card."""
     if model_args.config_name:
         model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation=model_args.attn_implementation)
-        return model, f"random init from {model_args.config_name}", True
+        return model, f"random init from {model_args.config_name}"
     # config=config: overrides such as dropout rates must be in place when the modules are built.
     model, loading_info = Wav2Vec2ForPreTraining.from_pretrained(
         model_args.model_name_or_path,
@@ -220,20 +215,18 @@ def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2
             ", ".join(sorted({k.split(".")[0] for k in fresh_heads})),
             "!" * 80,
         )
-    return model, model_args.model_name_or_path, False
+    return model, model_args.model_name_or_path
 
 
-def prepare_for_pretraining(model, model_args, objective, train_args, from_scratch: bool):
-    """The objective's settings in the model's config, the feature encoder's gradient hooks and gradient
-    checkpointing. Returns the Gumbel schedule's first step, and the dict the feature penalty reads
-    the CNN features from (None: no penalty)."""
+def prepare_for_pretraining(model, model_args, objective, train_args):
+    """The objective's settings (resolved for the model's family) in the model's config, the feature
+    encoder's gradient hooks and gradient checkpointing. Returns the Gumbel schedule's first step, and
+    the dict the feature penalty reads the CNN features from (None: no penalty)."""
     # The model's forward reads these three; the masking flags are ours (masks come from the workers).
     model.config.num_negatives = objective.num_negatives
     model.config.contrastive_logits_temperature = objective.contrastive_temperature
     model.config.diversity_loss_weight = objective.diversity_loss_weight
     gumbel_start = objective.gumbel_start_step
-    if gumbel_start is None:
-        gumbel_start = 0 if from_scratch else PRETRAINED_GUMBEL_STEPS
 
     if model_args.freeze_feature_encoder:
         model.freeze_feature_encoder()
@@ -453,7 +446,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
 # ---------------------------------------------------------------------------------------------
 
 
-def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start) -> None:
+def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, defaults) -> None:
     """The model, its preprocessor, the loss curve and the model card in --output_dir; then the Hub push."""
     train_args = args.training
     output_dir = Path(train_args.output_dir)
@@ -466,7 +459,7 @@ def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_
         feature_extractor.save_pretrained(output_dir)
         log = read_jsonl(log_path)
         plot_losses(log, output_dir / "loss_curve.png")
-        card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), gumbel_start)
+        card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), defaults)
         (output_dir / "README.md").write_text(card)
         if train_args.push_to_hub:
             push_folder_to_hub(
@@ -483,13 +476,14 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     config = load_config(model_args, args.objective)
+    objective_defaults = resolve_objective_defaults(model_args, args.objective, config)  # logged, and in the card
     accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
     set_seed(train_args.seed)
     feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
     data = build_data(args, config, feature_extractor, accelerator, output_dir)
 
-    model, base_model, from_scratch = load_model(model_args, config)
-    gumbel_start, cnn_output = prepare_for_pretraining(model, model_args, args.objective, train_args, from_scratch)
+    model, base_model = load_model(model_args, config)
+    gumbel_start, cnn_output = prepare_for_pretraining(model, model_args, args.objective, train_args)
 
     optimizer, scheduler = make_optimizer(model, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -503,7 +497,7 @@ def main(argv=None):
         accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_start, args, log_path, state, stop
     )
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
-        save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start)
+        save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, objective_defaults)
         stop.release()
     del model  # the DDP wrapper must not outlive the process group: see utils.training.end_processes
     end_processes(accelerator)

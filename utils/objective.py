@@ -4,16 +4,48 @@ crop, the Gumbel temperature schedule, fairseq's feature penalty, and contrastiv
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-# fairseq's wav2vec2-base ended its 400k updates with the Gumbel temperature at its floor (0.5);
-# a continued run starts there instead of re-heating the quantizer to 2.0 (which transformers
-# does on load) and scrambling the codebook the checkpoint learned.
-PRETRAINED_GUMBEL_STEPS = 400_000
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """The objective a model family was pretrained with in fairseq, which a continued run keeps.
+    `pretrained_updates`: where the Gumbel schedule of a continued run starts; the original runs
+    ended there with the temperature at its floor, and starting there keeps the quantizer from being
+    re-heated (transformers resets it to 2.0 on load) and scrambling the codebook it learned."""
+
+    family: str
+    source: str
+    feature_penalty_weight: float
+    feature_grad_mult: float
+    min_gumbel_temperature: float
+    pretrained_updates: int
+
+
+# Keyed by config.feat_extract_norm: group norm in the CNN is wav2vec2-base's design, layer norm
+# (with stable layer norm) that of large-lv60, large-robust and XLS-R. Sources in README.md.
+FAMILY_RECIPES = {
+    "group": FamilyRecipe(
+        "group-norm (wav2vec2-base)", "fairseq wav2vec2_base_librispeech.yaml", 10.0, 0.1, 0.5, 400_000
+    ),
+    "layer": FamilyRecipe(
+        "layer-norm (wav2vec2-large-lv60, large-robust, XLS-R)",
+        "fairseq wav2vec2_large_librivox.yaml",
+        0.0,
+        1.0,
+        0.1,
+        1_000_000,
+    ),
+}
+
+
+def family_recipe(config) -> FamilyRecipe:
+    return FAMILY_RECIPES[config.feat_extract_norm]
 
 
 class MaskAndNegatives:

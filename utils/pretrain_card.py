@@ -34,9 +34,10 @@ def _window_mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def model_card(model, base_model, data, args, log, accelerator, unreadable, gumbel_start) -> str:
+def model_card(model, base_model, data, args, log, accelerator, unreadable, objective_defaults: str) -> str:
     """README.md of a pretraining output. `data` is pretrain.py's PretrainingData (train_sources,
-    train_names, dev_rows); `args` its argument groups (utils.pretrain_arguments.Arguments)."""
+    train_names, dev_rows); `args` its argument groups (utils.pretrain_arguments.Arguments), with the
+    objective flags resolved; `objective_defaults` says how (utils.pretrain_arguments.resolve_objective_defaults)."""
     train_sources, train_names, dev_rows = data.train_sources, data.train_names, data.dev_rows
     data_args, objective, train_args = args.data, args.objective, args.training
     hardware, precision, num_processes = (
@@ -120,7 +121,9 @@ to 16 kHz mono; crops with RMS < {data_args.min_rms:g} redrawn (up to {data_args
 | Contrastive temperature | {objective.contrastive_temperature:g} |
 | Diversity loss weight | {objective.diversity_loss_weight:g} |
 | Feature penalty weight | {objective.feature_penalty_weight:g} (x mean square of the CNN features, as fairseq) |
-| Gumbel temperature | max({objective.max_gumbel_temperature:g} x {objective.gumbel_temperature_decay}^(step + {gumbel_start:,}), {objective.min_gumbel_temperature:g}) |
+| Gumbel temperature | max({objective.max_gumbel_temperature:g} x {objective.gumbel_temperature_decay}^(step + {objective.gumbel_start_step:,}), {objective.min_gumbel_temperature:g}) |
+| Feature encoder gradient scale | {"frozen" if args.model.freeze_feature_encoder else f"{args.model.feature_grad_mult:g}"} |
+| Objective defaults | {objective_defaults} |
 | Hardware | {hardware} |
 | Software | PyTorch {versions["torch"]}, Transformers {versions["transformers"]}, Accelerate {versions["accelerate"]}, soundfile {versions["soundfile"]}, soxr {versions["soxr"]} |
 
