@@ -33,7 +33,7 @@ from utils.manifests import (
     split_by_participant,
     write_manifests,
 )
-from utils.objective import MaskAndNegatives, contrastive_correct, feature_penalty, gumbel_temperature
+from utils.objective import MaskAndNegatives, code_logits_of, feature_penalty, gumbel_temperature
 from utils.pretrain_arguments import (
     Arguments,
     DataArguments,
@@ -43,7 +43,7 @@ from utils.pretrain_arguments import (
     resolve_objective_defaults,
 )
 from utils.pretrain_card import model_card, plot_losses
-from utils.pretrain_log import LogWindow, train_row
+from utils.pretrain_log import DevSums, LogWindow, describe_dev_row, train_row
 from utils.training import (
     StopSignal,
     TrainingArguments,
@@ -262,32 +262,17 @@ def to_device(batch: dict, device) -> dict:
 
 
 def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_workers, cnn_output, log_path) -> dict:
-    """Loss per masked frame and contrastive accuracy on the fixed dev crops and masks, logged."""
+    """The dev figures on every fixed dev crop and mask (utils.pretrain_log.DevSums says which is which), logged."""
     unwrapped.eval()  # the bare module, as in finetune_ctc.py: no gradients, so nothing for DDP to do
-    sums = torch.zeros(4, device=accelerator.device)  # loss, masked frames, correct, contrastive loss
-    with torch.no_grad():
+    sums = DevSums(unwrapped.config, accelerator.device)
+    with torch.no_grad(), code_logits_of(unwrapped) as code_logits:
         for batch in make_loader(dev_stream, num_workers, batch_size=None):
             inputs = to_device(batch, accelerator.device)
-            out = unwrapped(**inputs)
-            mask = inputs["mask_time_indices"]
-            sums += torch.stack(
-                [
-                    out.loss.float(),
-                    mask.sum().float(),
-                    contrastive_correct(out, inputs, unwrapped.config).float(),
-                    out.contrastive_loss.float(),
-                ]
-            )
+            sums.add(unwrapped(**inputs), inputs, code_logits.pop())
     if cnn_output is not None:
         cnn_output.clear()
-    sums = accelerator.reduce(sums, reduction="sum")
+    record = sums.row(accelerator, step)
     unwrapped.train()
-    record = {
-        "step": step,
-        "dev_loss": (sums[0] / sums[1]).item(),
-        "dev_contrastive_loss": (sums[3] / sums[1]).item(),
-        "dev_accuracy": (sums[2] / sums[1]).item(),
-    }
     if accelerator.is_main_process:
         append_jsonl(log_path, record)
     accelerator.log(record, step=step)
@@ -426,8 +411,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             and train_args.eval_steps
             and (step % train_args.eval_steps == 0 or step == train_args.max_train_steps)
         ):
-            record = evaluate(step, *evaluation)
-            logger.info("step %d: dev loss %.4f, dev accuracy %.3f", step, record["dev_loss"], record["dev_accuracy"])
+            logger.info(describe_dev_row(evaluate(step, *evaluation)))
 
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:

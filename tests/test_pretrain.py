@@ -242,6 +242,41 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
 
 
 @pytest.mark.slow
+def test_dev_figures_do_not_depend_on_eval_batch_or_processes(corpus, tmp_path, tiny_base_dir):
+    """13 dev crops (a multiple of no batch size here): all of them count at eval batch 2, 8 and 16 and
+    on 1 or 2 processes, and the figures agree; before, the diversity term used each batch's argmax
+    perplexity (3.2798 / 3.2836 at batch 16 / 2 in issue 12) and the dev set was cut to a multiple of
+    batch x processes."""
+    import pretrain
+
+    options = dict(dev_manifest=corpus / "dev.tsv", dev_crops_per_file=13, eval_steps=1, max_train_steps=1)
+    runs = {}
+    for eval_batch in (2, 8, 16):
+        out = tmp_path / f"batch{eval_batch}"
+        pretrain.main(base_args(corpus, out, tiny_base_dir, per_device_eval_batch_size=eval_batch, **options))
+        runs[f"batch {eval_batch}"] = out
+    out = tmp_path / "2proc"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    run_script(
+        "pretrain.py",
+        *base_args(corpus, out, tiny_base_dir, per_device_eval_batch_size=8, **options),
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
+    runs["2 processes x batch 8"] = out
+    first = {name: next(r for r in log_rows(out) if "dev_loss" in r) for name, out in runs.items()}
+    reference = first["batch 2"]
+    assert reference["step"] == 0 and reference["dev_crops"] == 13
+    assert 0 < reference["dev_diversity_loss"] < 1 and reference["dev_loss"] > reference["dev_contrastive_loss"]
+    for name, row in first.items():
+        assert (row["dev_crops"], row["dev_masked_frames"]) == (13, reference["dev_masked_frames"]), name
+        assert row["dev_accuracy"] == pytest.approx(reference["dev_accuracy"], abs=1e-9), name
+        for key in ("dev_contrastive_loss", "dev_diversity_loss", "dev_loss", "dev_codevector_perplexity"):
+            assert row[key] == pytest.approx(reference[key], rel=1e-5), (name, key)
+    print({name: (row["dev_contrastive_loss"], row["dev_loss"]) for name, row in first.items()})
+
+
+@pytest.mark.slow
 def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
     """LayerDrop leaves skipped layers without gradients; plain DDP would stop with an error."""
     out = tmp_path / "layerdrop"

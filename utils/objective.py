@@ -1,5 +1,6 @@
-"""The wav2vec 2.0 pretraining objective around transformers' model: masks and negatives drawn per
-crop, the Gumbel temperature schedule, fairseq's feature penalty, and contrastive accuracy."""
+"""The wav2vec 2.0 pretraining objective around transformers' model: the values of each model family,
+masks and negatives drawn per crop, the Gumbel temperature schedule, fairseq's feature penalty,
+contrastive accuracy, and the soft code distribution the diversity term is computed from."""
 
 from __future__ import annotations
 
@@ -108,3 +109,29 @@ def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
     )
     logits[1:][(quantized == negatives).all(-1)] = float("-inf")
     return ((logits.argmax(0) == 0) & inputs["mask_time_indices"].bool()).sum()
+
+
+@contextmanager
+def code_logits_of(model):
+    """Collects the quantizer's code logits (batch, frames, groups x codes) of each forward pass."""
+    captured: list[torch.Tensor] = []
+    hook = model.quantizer.weight_proj.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def soft_code_counts(code_logits: torch.Tensor, mask_time_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(groups, codes): the softmax code probabilities summed over the masked frames, the distribution
+    the model's diversity term is computed from in training (not eval mode's argmax)."""
+    probs = code_logits.float().reshape(*code_logits.shape[:2], num_groups, -1).softmax(-1)
+    return (probs * mask_time_indices.bool()[..., None, None]).sum(dim=(0, 1))
+
+
+def diversity_of(code_counts: torch.Tensor) -> tuple[float, float]:
+    """(code perplexity, diversity term) of summed code probabilities, as transformers computes them
+    from a batch: perplexity exp(entropy) of each group's mean distribution, summed over groups."""
+    marginal = code_counts / code_counts.sum(-1, keepdim=True).clamp(min=1e-12)
+    perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
+    return perplexity.item(), (code_counts.numel() - perplexity).item() / code_counts.numel()

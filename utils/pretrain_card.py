@@ -139,9 +139,16 @@ model's raw summed loss per update, the figure some cards report.
 | Final loss (step {last_step}) | {format_number(steps[-1]["loss"] if steps else None)} | {format_number(steps[-1]["loss_sum_per_update"] if steps else None, 1)} |
 | Avg loss (first {min(1000, last_step):,} steps) | {format_number(_window_mean(first_k, "loss"))} | {format_number(_window_mean(first_k, "loss_sum_per_update"), 1)} |
 | Avg loss (last {min(1000, last_step):,} steps) | {format_number(_window_mean(last_k, "loss"))} | {format_number(_window_mean(last_k, "loss_sum_per_update"), 1)} |
-| Dev loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {format_number(devs[0]["dev_loss"] if devs else None)} | |
-| Dev loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {format_number(devs[-1]["dev_loss"] if devs else None)} | |
+| Dev contrastive loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {format_number(devs[0].get("dev_contrastive_loss") if devs else None)} | |
+| Dev contrastive loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {format_number(devs[-1].get("dev_contrastive_loss") if devs else None)} | |
 | Dev contrastive accuracy, last evaluation | {format_number(devs[-1]["dev_accuracy"] if devs else None, 3)} | |
+| Dev loss with diversity, last evaluation | {format_number(devs[-1]["dev_loss"] if devs else None)} | |
+
+Dev figures ({devs[-1].get("dev_crops", "n/a") if devs else "n/a"} fixed crops of the dev recordings, fixed masks and negatives): the
+contrastive loss and accuracy per masked frame over every dev crop are the headline, independent of the
+eval batch size and the number of processes. "Dev loss with diversity" adds {objective.diversity_loss_weight:g} x the
+diversity term of the soft code distribution over all dev masked frames at once (in training that term is
+a statistic of each batch, so the two are not the same figure).
 
 ![loss curve](loss_curve.png)
 

@@ -1,5 +1,5 @@
-"""pretrain.py's train-log rows: sums over the updates since the last row, reported per masked frame
-and summed over all processes, with the crop streams' counts."""
+"""pretrain.py's log rows: train rows (sums over the updates since the last row, reported per masked
+frame and summed over all processes, with the crop streams' counts) and dev rows (DevSums)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.crops import stream_totals
+from utils.objective import contrastive_correct, diversity_of, soft_code_counts
 from utils.training import gather_unreadable
 
 
@@ -77,3 +78,59 @@ def train_row(accelerator, window: LogWindow, step, temperature, lr, grad_norm, 
         "skipped_files": len(unreadable),
     }
     return record, unreadable
+
+
+class DevSums:
+    """One evaluation on the fixed dev crops, summed over every crop, batch and process so that its
+    figures do not depend on the eval batch size or the number of processes.
+
+    dev_contrastive_loss and dev_accuracy (the headline figures): per masked frame, over every dev crop.
+    dev_diversity_loss: the diversity term of the soft code distribution over all dev masked frames at
+    once (computed as in training, where it is a statistic of each batch; eval mode's argmax perplexity
+    of each batch would make it depend on the batch size). dev_loss: contrastive + weight x diversity,
+    composed as the train loss is.
+    """
+
+    def __init__(self, config, device):
+        self.config = config
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # contrastive loss, correct, masked, crops
+        self.codes = torch.zeros(
+            config.num_codevector_groups, config.num_codevectors_per_group, dtype=torch.float64, device=device
+        )
+
+    def add(self, out, inputs: dict, code_logits: torch.Tensor) -> None:
+        mask = inputs["mask_time_indices"]
+        correct = contrastive_correct(out, inputs, self.config)
+        self.sums += torch.stack(
+            [
+                out.contrastive_loss.double(),
+                correct.double(),
+                mask.sum().double(),
+                torch.tensor(float(len(mask)), dtype=torch.float64, device=mask.device),
+            ]
+        )
+        self.codes += soft_code_counts(code_logits, mask, self.config.num_codevector_groups).double()
+
+    def row(self, accelerator, step: int) -> dict:
+        sums = accelerator.reduce(self.sums, reduction="sum").tolist()
+        perplexity, diversity = diversity_of(accelerator.reduce(self.codes, reduction="sum"))
+        contrastive = sums[0] / sums[2]
+        return {
+            "step": step,
+            "dev_contrastive_loss": contrastive,
+            "dev_accuracy": sums[1] / sums[2],
+            "dev_diversity_loss": diversity,
+            "dev_loss": contrastive + self.config.diversity_loss_weight * diversity,
+            "dev_codevector_perplexity": perplexity,
+            "dev_crops": int(sums[3]),
+            "dev_masked_frames": int(sums[2]),
+        }
+
+
+def describe_dev_row(record: dict) -> str:
+    """The log line of a dev row: which figure is which."""
+    return (
+        f"step {record['step']}: dev contrastive loss {record['dev_contrastive_loss']:.4f} and accuracy "
+        f"{record['dev_accuracy']:.3f} per masked frame over all {record['dev_crops']} dev crops (the headline); "
+        f"dev loss {record['dev_loss']:.4f} (+ diversity of the codes over the whole dev set)"
+    )
