@@ -71,7 +71,7 @@ tags: [wav2vec2, audio, speech, automatic-speech-recognition, ctc]
 ## Results
 
 Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); transcripts normalised
-(NFC, {"lowercase, " if data_args.do_lower_case else ""}punctuation removed, whitespace folded).
+(NFC, {"lowercase, " if data_args.do_lower_case else ""}{"dashes, '|' and dandas made spaces, " if data_args.word_separators else ""}punctuation removed, whitespace folded).
 
 | Dev set | WER | CER | Utterances | Words | Characters | Hours |
 |---|---|---|---|---|---|---|

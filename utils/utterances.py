@@ -76,12 +76,12 @@ def measure_durations(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return readable, unreadable
 
 
-def check_transcripts(rows: list[dict], chars_to_ignore: str, lowercase: bool) -> None:
+def check_transcripts(rows: list[dict], chars_to_ignore: str, lowercase: bool, word_separators: str) -> None:
     """Normalise every transcript in place; an empty one is an error that names its line."""
     for row in rows:
         if not row["text"].strip():
             raise ValueError(f"{row['where']}: empty transcript for {row['path']}")
-        normalized = normalize_text(row["text"], chars_to_ignore, lowercase)
+        normalized = normalize_text(row["text"], chars_to_ignore, lowercase, word_separators)
         if not normalized:
             raise ValueError(
                 f"{row['where']}: transcript {row['text']!r} of {row['path']} is empty once --chars_to_ignore is removed"
@@ -110,7 +110,7 @@ def manifest_utterances(data: DataArguments, seed: int) -> tuple[list[dict], lis
     if data.dev_manifest and not dev:
         raise ValueError(f"dev manifest {data.dev_manifest} has no rows")
     for rows in (train, dev):
-        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case)
+        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case, data.word_separators)
     train, bad_train = measure_durations(train)
     dev, bad_dev = measure_durations(dev)
     how = f"--dev_manifest {data.dev_manifest}"
@@ -185,7 +185,7 @@ def dataset_utterances(data: DataArguments):
                 rows.append(row)
             except Exception as error:
                 unreadable.append({**row, "reason": f"unreadable: {str(error).strip() or type(error).__name__}"})
-        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case)
+        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case, data.word_separators)
         rows_by_split[name] = rows
     how = f"--dataset_name {data.dataset_name} split {data.eval_split_name!r}"
     return rows_by_split[data.train_split_name], rows_by_split[data.eval_split_name], unreadable, how, splits
