@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
@@ -44,6 +43,7 @@ from utils.pretrain_arguments import (
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import DevSums, LogWindow, describe_dev_row, train_row
+from utils.progress import progress_bar
 from utils.training import (
     StopSignal,
     TrainingArguments,
@@ -366,12 +366,12 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
         accumulation * accelerator.num_processes,
         data_args.crop_seconds * train_args.per_device_train_batch_size * accumulation * accelerator.num_processes,
     )
-    progress = tqdm(
-        range(state.step, train_args.max_train_steps),
+    progress = progress_bar(
+        train_args.max_train_steps,
+        "pretrain",
         initial=state.step,
-        total=train_args.max_train_steps,
         disable=not accelerator.is_local_main_process,
-        desc="pretrain",
+        interval=train_args.progress_interval,
     )
     evaluation = (unwrapped, data.dev, accelerator, train_args.num_workers, cnn_output, log_path)
     if data.dev is not None and state.step == 0 and train_args.eval_steps:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from utils.audio import TARGET_SAMPLE_RATE
+from utils.progress import DEFAULT_PROGRESS_INTERVAL, PROGRESS_INTERVAL_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class TrainingArguments:
     seed: int = field(default=0)
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     logging_steps: int = field(default=10)
+    progress_interval: float = field(default=DEFAULT_PROGRESS_INTERVAL, metadata={"help": PROGRESS_INTERVAL_HELP})
     eval_steps: int = field(default=500, metadata={"help": "Evaluate on dev every N updates; 0 turns it off."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N updates; 0 turns it off."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
@@ -82,6 +84,7 @@ ARGUMENT_MINIMUMS = {
     "dev_crops_per_file": 1,
     "num_negatives": 1,
     "max_grad_norm": 0,
+    "progress_interval": 0,
 }
 
 
