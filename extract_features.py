@@ -36,7 +36,6 @@ import soundfile as sf
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from tqdm.auto import tqdm
 from transformers import AutoConfig, Wav2Vec2Model
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
@@ -44,6 +43,7 @@ from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
 from utils.manifests import write_tsv
 from utils.processes import StopSignal, ignore_sigterm
+from utils.progress import DEFAULT_PROGRESS_INTERVAL, PROGRESS_INTERVAL_HELP, progress_bar
 from utils.segments import Job, is_rttm, list_sources, make_jobs, name_files, read_segments
 from utils.training import load_feature_extractor
 from utils.windows import WindowReader, as_is, batches, run_model
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip_existing", action="store_true", help="keep outputs that are already complete")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="remove an earlier extraction's outputs first"
+    )
+    parser.add_argument(
+        "--progress_interval", type=float, default=DEFAULT_PROGRESS_INTERVAL, help=PROGRESS_INTERVAL_HELP
     )
     args = parser.parse_args(argv)
 
@@ -249,10 +252,12 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
         output_dir, args.format, args.pooling, layers_column, layer_axis, config.hidden_size, frame_rate
     )
     total_hours = sum(region_seconds(job) for _, file_jobs in my_files for _, job in file_jobs) / 3600
-    progress = tqdm(
-        total=total_hours,
-        unit="h",
+    progress = progress_bar(
+        total_hours,
+        "extract_features",
+        unit="audio h",
         disable=not state.is_local_main_process,
+        interval=args.progress_interval,
         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio hours [{elapsed}<{remaining}{postfix}]",
     )
     audio_seconds, started, cpu_started = 0.0, time.perf_counter(), time.process_time()

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
@@ -44,6 +43,7 @@ from utils.ctc_corpus import Corpus, select_training_utterances, stop_if_all_unr
 from utils.ctc_run import Progress, Run, resume
 from utils.dataset_utterances import dataset_utterances
 from utils.processes import StopSignal, end_processes
+from utils.progress import progress_bar
 from utils.run_folder import claim_output_dir
 from utils.training import (
     append_jsonl,
@@ -241,12 +241,12 @@ def train(run: Run, model, optimizer, scheduler, state: Progress, stop: StopSign
     # Sums since the last log row: loss, characters, audio samples, padded samples, utterances.
     window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     window_steps, window_start, grad_norm = 0, time.time(), None
-    progress = tqdm(
-        range(state.step, train_args.max_train_steps),
+    progress = progress_bar(
+        train_args.max_train_steps,
+        "finetune_ctc",
         initial=state.step,
-        total=train_args.max_train_steps,
         disable=not accelerator.is_local_main_process,
-        desc="finetune_ctc",
+        interval=train_args.progress_interval,
     )
     model.train()
     while state.step < train_args.max_train_steps and not state.guard.stopped:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, get_scheduler
 
 from utils.cards import push_folder_to_hub
@@ -35,24 +34,19 @@ from utils.manifests import (
     write_manifests,
 )
 from utils.numerics import UpdateGuard, null_if_nonfinite
-from utils.objective import (
-    PRETRAINED_GUMBEL_STEPS,
-    MaskAndNegatives,
-    contrastive_correct,
-    crop_frames,
-    feature_penalty,
-    gumbel_temperature,
-)
+from utils.objective import MaskAndNegatives, code_logits_of, crop_frames, feature_penalty, gumbel_temperature
 from utils.pretrain_arguments import (
     Arguments,
     DataArguments,
     ModelArguments,
     ObjectiveArguments,
     apply_config_overrides,
+    resolve_objective_defaults,
 )
 from utils.pretrain_card import model_card, plot_losses
-from utils.pretrain_log import LogWindow, dev_summary, train_row
+from utils.pretrain_log import DevSums, LogWindow, describe_dev_row, train_row
 from utils.processes import StopSignal, end_processes
+from utils.progress import progress_bar
 from utils.run_folder import claim_output_dir
 from utils.training import (
     TrainingArguments,
@@ -207,11 +201,11 @@ def load_config(model_args: ModelArguments, objective: ObjectiveArguments) -> Wa
     return config
 
 
-def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2Vec2ForPreTraining, str, bool]:
-    """The model (random init with --config_name), its base model for the card, and whether it is from scratch."""
+def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2Vec2ForPreTraining, str]:
+    """The model (random init with --config_name) and its base model for the card."""
     if model_args.config_name:
         model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation=model_args.attn_implementation)
-        return model, f"random init from {model_args.config_name}", True
+        return model, f"random init from {model_args.config_name}"
     # config=config: overrides such as dropout rates must be in place when the modules are built.
     model, loading_info = Wav2Vec2ForPreTraining.from_pretrained(
         model_args.model_name_or_path,
@@ -230,20 +224,18 @@ def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2
             ", ".join(sorted({k.split(".")[0] for k in fresh_heads})),
             "!" * 80,
         )
-    return model, model_args.model_name_or_path, False
+    return model, model_args.model_name_or_path
 
 
-def prepare_for_pretraining(model, model_args, objective, train_args, from_scratch: bool):
-    """The objective's settings in the model's config, the feature encoder's gradient hooks and gradient
-    checkpointing. Returns the Gumbel schedule's first step, and the dict the feature penalty reads
-    the CNN features from (None: no penalty)."""
+def prepare_for_pretraining(model, model_args, objective, train_args):
+    """The objective's settings (resolved for the model's family) in the model's config, the feature
+    encoder's gradient hooks and gradient checkpointing. Returns the Gumbel schedule's first step, and
+    the dict the feature penalty reads the CNN features from (None: no penalty)."""
     # The model's forward reads these three; the masking flags are ours (masks come from the workers).
     model.config.num_negatives = objective.num_negatives
     model.config.contrastive_logits_temperature = objective.contrastive_temperature
     model.config.diversity_loss_weight = objective.diversity_loss_weight
     gumbel_start = objective.gumbel_start_step
-    if gumbel_start is None:
-        gumbel_start = 0 if from_scratch else PRETRAINED_GUMBEL_STEPS
 
     if model_args.freeze_feature_encoder:
         model.freeze_feature_encoder()
@@ -279,32 +271,17 @@ def to_device(batch: dict, device) -> dict:
 
 
 def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_workers, cnn_output, log_path) -> dict:
-    """Loss per masked frame and contrastive accuracy on the fixed dev crops and masks, logged."""
+    """The dev figures on every fixed dev crop and mask (utils.pretrain_log.DevSums says which is which), logged."""
     unwrapped.eval()  # the bare module, as in finetune_ctc.py: no gradients, so nothing for DDP to do
-    sums = torch.zeros(4, device=accelerator.device)  # loss, masked frames, correct, contrastive loss
-    with torch.no_grad():
+    sums = DevSums(unwrapped.config, accelerator.device)
+    with torch.no_grad(), code_logits_of(unwrapped) as code_logits:
         for batch in exit_on_unreadable(make_loader(dev_stream, num_workers, batch_size=None)):
             inputs = to_device(batch, accelerator.device)
-            out = unwrapped(**inputs)
-            mask = inputs["mask_time_indices"]
-            sums += torch.stack(
-                [
-                    out.loss.float(),
-                    mask.sum().float(),
-                    contrastive_correct(out, inputs, unwrapped.config).float(),
-                    out.contrastive_loss.float(),
-                ]
-            )
+            sums.add(unwrapped(**inputs), inputs, code_logits.pop())
     if cnn_output is not None:
         cnn_output.clear()
-    sums = accelerator.reduce(sums, reduction="sum")
+    record = sums.row(accelerator, step)
     unwrapped.train()
-    record = {
-        "step": step,
-        "dev_loss": (sums[0] / sums[1]).item(),
-        "dev_contrastive_loss": (sums[3] / sums[1]).item(),
-        "dev_accuracy": (sums[2] / sums[1]).item(),
-    }
     null_if_nonfinite(record)  # NaN outputs gave dev accuracy 1.0
     if accelerator.is_main_process:
         append_jsonl(log_path, record)
@@ -403,12 +380,12 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
         accumulation * accelerator.num_processes,
         data_args.crop_seconds * train_args.per_device_train_batch_size * accumulation * accelerator.num_processes,
     )
-    progress = tqdm(
-        range(state.step, train_args.max_train_steps),
+    progress = progress_bar(
+        train_args.max_train_steps,
+        "pretrain",
         initial=state.step,
-        total=train_args.max_train_steps,
         disable=not accelerator.is_local_main_process,
-        desc="pretrain",
+        interval=train_args.progress_interval,
     )
     evaluation = (unwrapped, data.dev, accelerator, train_args.num_workers, cnn_output, log_path)
     if data.dev is not None and state.step == 0 and train_args.eval_steps:
@@ -450,7 +427,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             and (step % train_args.eval_steps == 0 or step == train_args.max_train_steps)
         ):
             record = evaluate(step, *evaluation)
-            logger.info("step %d: %s", step, dev_summary(record))
+            logger.info(describe_dev_row(record))
 
         preempted = stop.agreed(accelerator)
         if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
@@ -469,7 +446,7 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
 # ---------------------------------------------------------------------------------------------
 
 
-def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start) -> None:
+def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, defaults) -> None:
     """The model, its preprocessor, the loss curve and the model card in --output_dir; then the Hub push."""
     train_args = args.training
     output_dir = Path(train_args.output_dir)
@@ -482,7 +459,7 @@ def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_
         feature_extractor.save_pretrained(output_dir)
         log = read_jsonl(log_path)
         plot_losses(log, output_dir / "loss_curve.png")
-        card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), gumbel_start)
+        card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), defaults)
         (output_dir / "README.md").write_text(card)
         if train_args.push_to_hub:
             repo_id = train_args.hub_model_id or output_dir.resolve().name
@@ -497,14 +474,15 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     config = load_config(model_args, args.objective)
+    objective_defaults = resolve_objective_defaults(model_args, args.objective, config)  # logged, and in the card
     accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
     claim_output_dir(accelerator, "pretrain.py", args)  # never write over another run
     set_seed(train_args.seed)
     feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)
     data = build_data(args, config, feature_extractor, accelerator, output_dir)
 
-    model, base_model, from_scratch = load_model(model_args, config)
-    gumbel_start, cnn_output = prepare_for_pretraining(model, model_args, args.objective, train_args, from_scratch)
+    model, base_model = load_model(model_args, config)
+    gumbel_start, cnn_output = prepare_for_pretraining(model, model_args, args.objective, train_args)
 
     optimizer, scheduler = make_optimizer(model, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -517,7 +495,7 @@ def main(argv=None):
         accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_start, args, log_path, state, stop
     )
     if not preempted:  # after SIGTERM a checkpoint is saved and the final save is the resumed run's
-        save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, gumbel_start)
+        save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_path, state, objective_defaults)
     stop.release()  # SIGTERM ends the process again, preempted or not: a launcher can stop a stuck exit
     del model  # the DDP wrapper must not outlive the process group: see utils.processes.end_processes
     end_processes(accelerator)

@@ -296,6 +296,34 @@ def test_fixed_mode_yields_identical_crops_on_every_pass(mixed_rows):
     assert np.array_equal(crops(first), crops(second))
 
 
+@pytest.mark.parametrize("batch_size, world_size", [(2, 1), (4, 1), (16, 1), (4, 2), (8, 2), (16, 2)])
+def test_fixed_mode_yields_every_crop_whatever_the_batch_and_processes(mixed_rows, batch_size, world_size):
+    """A dev set is never cut to a multiple of batch x processes (15 crops here): the last batch is
+    short, a process may have one batch fewer, and each crop is the same whoever reads it."""
+    rows = mixed_rows + mixed_rows[:1]
+    reference = CropStream([(rows, 1.0)], batch_size=1, crop_seconds=CROP, epoch_multiplier=3, fixed=True)
+    assert reference.crops_per_epoch == 15
+    expected = dict(zip(keys(batches(reference)), crops(batches(reference))))
+    seen = {}
+    for rank in range(world_size):
+        stream = CropStream(
+            [(rows, 1.0)],
+            batch_size=batch_size,
+            crop_seconds=CROP,
+            epoch_multiplier=3,
+            fixed=True,
+            rank=rank,
+            world_size=world_size,
+        )
+        got = batches(stream, num_workers=2)
+        assert len(got) == len(stream) and all(len(b["crop_keys"]) <= batch_size for b in got)
+        for key, crop in zip(keys(got), crops(got) if got else []):  # batch 16 x 2: rank 1 has none
+            assert key not in seen
+            seen[key] = crop
+    assert sorted(seen) == sorted(expected)
+    assert all(np.array_equal(seen[key], expected[key]) for key in expected)
+
+
 def test_new_epochs_draw_fresh_crop_positions(tmp_path):
     """REFERENCE defect: the same crop every epoch. Here each epoch's positions are new."""
     path = write_signal(tmp_path / "P01_one.wav", chirp(5.0, 16000, seed=9), 16000)

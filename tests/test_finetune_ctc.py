@@ -474,6 +474,71 @@ def test_normalisation_and_tokenizer_round_trip_hindi_and_english(tmp_path, tiny
             assert tok.decode(ctc_ids) == text
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("well—maybe not–yet", "well maybe not yet"),  # em and en dash
+        ("one|two | three", "one two three"),
+        ("राम आया।सीता गई॥फिर", "राम आया सीता गई फिर"),  # danda and double danda
+        ("a ‒ b ― c", "a b c"),  # figure dash, horizontal bar
+    ],
+)
+def test_dashes_bars_and_dandas_separate_words(raw, expected):
+    from utils.vocabulary import normalize_text
+
+    assert normalize_text(raw) == expected
+
+
+def test_word_separators_flag_reaches_the_transcripts(tmp_path):
+    from utils.ctc_arguments import DataArguments
+    from utils.utterances import check_transcripts
+
+    rows = lambda: [{"where": "m.tsv:2", "path": "a.wav", "text": "well—maybe। Then|now"}]  # noqa: E731
+    defaults, kept = rows(), rows()
+    check_transcripts(defaults, DataArguments.chars_to_ignore, True, DataArguments.word_separators)
+    check_transcripts(kept, DataArguments.chars_to_ignore, True, "")
+    assert defaults[0]["text"] == "well maybe then now"
+    assert kept[0]["text"] == "well—maybe thennow"  # the former behaviour, on request
+
+
+def test_transcripts_are_the_hugging_face_pipelines_double_spaces_included(tmp_path, tiny_base_dir):
+    """transcribe() and the dev-set decoding give the text the ASR pipeline gives for the same frames,
+    also where the model emits '| [PAD] |' (two spaces): neither folds them."""
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+        pipeline,
+    )
+    from transformers.modeling_outputs import CausalLMOutput
+
+    from utils.ctc import greedy_decode, transcribe
+    from utils.vocabulary import make_tokenizer
+
+    tokenizer = make_tokenizer({"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4})
+    processor = Wav2Vec2Processor(Wav2Vec2FeatureExtractor.from_pretrained(tiny_base_dir), tokenizer)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config.from_pretrained(tiny_base_dir, vocab_size=5)).eval()
+    pattern = torch.tensor([3, 3, 2, 0, 2, 4, 0, 4, 2, 2, 0, 0, 2, 3])  # a, '|', blank, '|', b, blank, b, ...
+
+    def scripted_forward(input_values, attention_mask=None, **kwargs):
+        frames = int(model._get_feat_extract_output_lengths(torch.tensor(input_values.shape[-1])))
+        ids = pattern[torch.arange(frames) % len(pattern)]
+        return CausalLMOutput(logits=torch.nn.functional.one_hot(ids, 5).float()[None] * 10)
+
+    model.forward = scripted_forward
+    audio = chirp(1.5, 16000)
+    path = write_signal(tmp_path / "utt.wav", audio, 16000)
+    asr = pipeline(
+        "automatic-speech-recognition", model=model, tokenizer=tokenizer, feature_extractor=processor.feature_extractor
+    )
+    expected = asr({"raw": audio, "sampling_rate": 16000})["text"]
+    assert "  " in expected  # the case in question: the pipeline keeps double spaces
+    (ours,) = transcribe([path], model, processor, chunk_seconds=30.0)
+    logits = scripted_forward(torch.from_numpy(audio)[None]).logits
+    assert ours == expected == greedy_decode(tokenizer, logits, [logits.shape[1]])[0]
+
+
 # --------------------------------------------------------------------------------------------- audio
 
 

@@ -244,6 +244,41 @@ def test_update_is_the_same_however_the_batch_is_split(corpus, tmp_path, tiny_ba
 
 
 @pytest.mark.slow
+def test_dev_figures_do_not_depend_on_eval_batch_or_processes(corpus, tmp_path, tiny_base_dir):
+    """13 dev crops (a multiple of no batch size here): all of them count at eval batch 2, 8 and 16 and
+    on 1 or 2 processes, and the figures agree; before, the diversity term used each batch's argmax
+    perplexity (3.2798 / 3.2836 at batch 16 / 2 in issue 12) and the dev set was cut to a multiple of
+    batch x processes."""
+    import pretrain
+
+    options = dict(dev_manifest=corpus / "dev.tsv", dev_crops_per_file=13, eval_steps=1, max_train_steps=1)
+    runs = {}
+    for eval_batch in (2, 8, 16):
+        out = tmp_path / f"batch{eval_batch}"
+        pretrain.main(base_args(corpus, out, tiny_base_dir, per_device_eval_batch_size=eval_batch, **options))
+        runs[f"batch {eval_batch}"] = out
+    out = tmp_path / "2proc"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    run_script(
+        "pretrain.py",
+        *base_args(corpus, out, tiny_base_dir, per_device_eval_batch_size=8, **options),
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
+    runs["2 processes x batch 8"] = out
+    first = {name: next(r for r in log_rows(out) if "dev_loss" in r) for name, out in runs.items()}
+    reference = first["batch 2"]
+    assert reference["step"] == 0 and reference["dev_crops"] == 13
+    assert 0 < reference["dev_diversity_loss"] < 1 and reference["dev_loss"] > reference["dev_contrastive_loss"]
+    for name, row in first.items():
+        assert (row["dev_crops"], row["dev_masked_frames"]) == (13, reference["dev_masked_frames"]), name
+        assert row["dev_accuracy"] == pytest.approx(reference["dev_accuracy"], abs=1e-9), name
+        for key in ("dev_contrastive_loss", "dev_diversity_loss", "dev_loss", "dev_codevector_perplexity"):
+            assert row[key] == pytest.approx(reference[key], rel=1e-5), (name, key)
+    print({name: (row["dev_contrastive_loss"], row["dev_loss"]) for name, row in first.items()})
+
+
+@pytest.mark.slow
 def test_layerdrop_under_two_processes(corpus, tmp_path, tiny_base_dir):
     """LayerDrop leaves skipped layers without gradients; plain DDP would stop with an error."""
     out = tmp_path / "layerdrop"
@@ -506,6 +541,132 @@ def test_continuing_a_pretrained_checkpoint(corpus, tmp_path, tiny_base_dir, mon
     )
     pretrain.main(args)
     assert "has no pretraining heads" in caplog.text and "quantizer" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config_fixture, penalty, grad_mult, floor, start, family",
+    [
+        ("tiny_base_dir", 10.0, 0.1, 0.5, 400_000, "group-norm"),
+        ("tiny_robust_dir", 0.0, 1.0, 0.1, 1_000_000, "layer-norm"),
+    ],
+)
+def test_objective_defaults_follow_the_model_family(
+    corpus, tmp_path, request, config_fixture, penalty, grad_mult, floor, start, family
+):
+    """Continuing a layer-norm model (large, robust, XLS-R) with base defaults would add a feature penalty it
+    never had, scale its CNN gradients by 0.1 and re-heat its quantizer from 0.1 to 0.5 (issue 12)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
+
+    import pretrain
+
+    config_dir = request.getfixturevalue(config_fixture)
+    start_dir = tmp_path / "start"
+    Wav2Vec2ForPreTraining(Wav2Vec2Config.from_pretrained(config_dir)).save_pretrained(start_dir)
+    Wav2Vec2FeatureExtractor.from_pretrained(config_dir).save_pretrained(start_dir)
+    out = tmp_path / "continued"
+    args = base_args(corpus, out, config_dir, max_train_steps=2)
+    args[args.index("--config_name") : args.index("--config_name") + 2] = ["--model_name_or_path", str(start_dir)]
+    pretrain.main(args)
+    recorded = json.loads((out / "training_args.json").read_text())
+    assert recorded["objective"]["feature_penalty_weight"] == penalty
+    assert recorded["model"]["feature_grad_mult"] == grad_mult
+    assert (recorded["objective"]["min_gumbel_temperature"], recorded["objective"]["gumbel_start_step"]) == (
+        floor,
+        start,
+    )
+    rows = [r for r in log_rows(out) if "loss" in r]
+    assert [r["gumbel_temperature"] for r in rows] == [floor, floor]  # the schedule's floor: not re-heated
+    assert all((r["feature_penalty"] > 0) == (penalty > 0) for r in rows)
+    card = (out / "README.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("| Objective defaults |"))
+    assert family in line and "feature_grad_mult" in line and line.count("(auto)") == 4
+    assert f"| Feature encoder gradient scale | {grad_mult:g} |" in card
+
+    # an explicit value always wins, and is named as set (a warning when the family would use another)
+    explicit = tmp_path / "explicit"
+    args[args.index("--output_dir") + 1] = str(explicit)
+    pretrain.main(args + ["--feature_penalty_weight", "0.5", "--min_gumbel_temperature", "0.3"])
+    rows = [r for r in log_rows(explicit) if "loss" in r]
+    assert [r["gumbel_temperature"] for r in rows] == [0.3, 0.3]
+    assert json.loads((explicit / "training_args.json").read_text())["objective"]["feature_penalty_weight"] == 0.5
+    card = (explicit / "README.md").read_text()
+    assert f"feature_penalty_weight 0.5 (set; the family uses {penalty:g})" in card
+
+
+def test_objective_defaults_resolve_per_family_and_reject_bad_values(tiny_base_dir, tiny_robust_dir, caplog):
+    from transformers import Wav2Vec2Config
+
+    from utils.pretrain_arguments import (
+        DataArguments,
+        ModelArguments,
+        ObjectiveArguments,
+        resolve_objective_defaults,
+    )
+    from utils.training import TrainingArguments, parse_args_with_recipe
+
+    def resolved(config_dir, argv):
+        model, _, objective, _ = parse_args_with_recipe(
+            [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments], argv
+        )
+        line = resolve_objective_defaults(model, objective, Wav2Vec2Config.from_pretrained(config_dir))
+        values = (
+            objective.feature_penalty_weight,
+            model.feature_grad_mult,
+            objective.min_gumbel_temperature,
+            objective.gumbel_start_step,
+        )
+        return values, line
+
+    assert resolved(tiny_base_dir, [])[0] == (10.0, 0.1, 0.5, 400_000)
+    assert resolved(tiny_robust_dir, [])[0] == (0.0, 1.0, 0.1, 1_000_000)
+    assert resolved(tiny_robust_dir, ["--config_name", str(tiny_robust_dir)])[0] == (0.0, 1.0, 0.1, 0)
+    assert resolved(tiny_base_dir, ["--config_name", str(tiny_base_dir)])[0] == (10.0, 0.1, 0.5, 0)
+    caplog.clear()
+    values, line = resolved(tiny_robust_dir, ["--feature_grad_mult", "0.1", "--gumbel_start_step", "auto"])
+    assert values == (0.0, 0.1, 0.1, 1_000_000)
+    assert "feature_grad_mult 0.1 (set; the family uses 1)" in line and "gumbel_start_step 1,000,000 (auto)" in line
+    assert [r.levelname for r in caplog.records if "objective for a" in r.message] == ["WARNING"]
+    for flag, value, message in [
+        ("--feature_penalty_weight", "ten", "--feature_penalty_weight takes a number or 'auto', not 'ten'"),
+        ("--gumbel_start_step", "2.5", "--gumbel_start_step must be a whole number >= 0, not '2.5'"),
+        ("--feature_grad_mult", "-1", "--feature_grad_mult must be a number >= 0, not '-1'"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            resolved(tiny_base_dir, [flag, value])
+
+
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [  # the values each recipe had before the objective defaults became 'auto'
+        ("hindibabynet-wav2vec2-base.yaml", (0.0, 1.0, 0.5, 400_000)),
+        ("wav2vec2-base-continued.yaml", (10.0, 0.1, 0.5, 400_000)),
+        ("demo-tiny.yaml", (0.001, 0.1, 0.5, 0)),
+    ],
+)
+def test_recipes_keep_their_objective_values(recipe, expected, tiny_base_dir):
+    """The recipes are for wav2vec2-base (group norm), as the tiny base config is: it stands in offline."""
+    from transformers import Wav2Vec2Config
+
+    from utils.pretrain_arguments import (
+        DataArguments,
+        ModelArguments,
+        ObjectiveArguments,
+        resolve_objective_defaults,
+    )
+    from utils.training import TrainingArguments, parse_args_with_recipe
+
+    model, _, objective, _ = parse_args_with_recipe(
+        [ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments],
+        [str(REPO / "configs" / "recipes" / recipe)],
+    )
+    resolve_objective_defaults(model, objective, Wav2Vec2Config.from_pretrained(tiny_base_dir))
+    assert (
+        objective.feature_penalty_weight,
+        model.feature_grad_mult,
+        objective.min_gumbel_temperature,
+        objective.gumbel_start_step,
+    ) == expected
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ Every script
   run_folder         whose output folder it is: another run refused, resumed, or replaced (--overwrite_output_dir)
   numerics           NaN/Inf guards: audio samples, skipped updates and their count, weights, null metrics
   hf_datasets        Hugging Face datasets without torchcodec: load (hub, folders, save_to_disk, streams), undecoded audio
+  progress           a progress bar on a terminal, a line every --progress_interval seconds in a log file
 pretrain.py
   pretrain_arguments its flags
   crops              CropStream: silence-filtered random crops of long recordings

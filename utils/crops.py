@@ -76,7 +76,9 @@ class CropStream(torch.utils.data.IterableDataset):
     A file that fails to read is warned about once, counted and never read again; its crop is
     replaced by one from another file of the same manifest.
 
-    `fixed=True` (evaluation) yields the same crops on every pass: one pass over epoch 0.
+    `fixed=True` (evaluation) yields the same crops on every pass: one pass over epoch 0, every crop
+    of it (the last global batch may be short, and a process may have one batch fewer than another),
+    so a dev figure does not depend on the batch size or the number of processes.
     `transform(batch)` runs in the worker on each batch (pretraining computes masks there).
     """
 
@@ -125,7 +127,9 @@ class CropStream(torch.utils.data.IterableDataset):
         )
         self.crops_per_epoch = int(self.crops_per_manifest.sum())
         self.batches_per_process = self.crops_per_epoch // (batch_size * world_size)
-        if self.batches_per_process == 0:
+        if fixed:  # every crop: global batches 0..ceil(crops / batch_size) - 1, taken in turn by the processes
+            self.batches_per_process = len(range(rank, math.ceil(self.crops_per_epoch / batch_size), world_size))
+        elif self.batches_per_process == 0:
             raise ValueError(
                 f"an epoch has {self.crops_per_epoch} crops, fewer than one batch of {batch_size} on each of "
                 f"{world_size} process(es): add files, raise epoch_multiplier or lower the batch size"
@@ -181,7 +185,9 @@ class CropStream(torch.utils.data.IterableDataset):
                 if not mine:
                     continue
                 global_batch = local * self.world_size + self.rank
-                indices = range(global_batch * self.batch_size, (global_batch + 1) * self.batch_size)
+                indices = range(
+                    global_batch * self.batch_size, min((global_batch + 1) * self.batch_size, self.crops_per_epoch)
+                )
                 waves, new_bad = [], []
                 for index in indices:
                     waves.append(self._crop(plan[index], epoch, index, cache, stats, bad, new_bad))

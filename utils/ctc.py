@@ -67,10 +67,11 @@ def time_mask_indices(input_width: int, frame_lengths, geometry, mask_prob: floa
 
 
 def greedy_decode(tokenizer, logits: torch.Tensor, frame_lengths) -> list[str]:
-    """Argmax per frame, repeats merged, blanks removed, '|' as the space."""
+    """Argmax per frame, repeats merged, blanks removed, '|' as the space: the text the Hugging Face
+    ASR pipeline gives for the same frames. Spaces are not folded, as the pipeline does not fold them
+    ('| [PAD] |' is two spaces), so the scores and transcripts here are those of the pipeline too."""
     ids = logits.argmax(-1).cpu()
-    texts = [tokenizer.decode(ids[row, : int(frame_lengths[row])].tolist()) for row in range(ids.shape[0])]
-    return [" ".join(text.split()) for text in texts]
+    return [tokenizer.decode(ids[row, : int(frame_lengths[row])].tolist()) for row in range(ids.shape[0])]
 
 
 # The scores that come from the model's outputs (the rest count the dev set), null when those are not finite.
@@ -191,5 +192,5 @@ def transcribe(
             last = int(round((chunk_end - read_start) * TARGET_SAMPLE_RATE / samples_per_frame))
             frame_ids.append(logits[first:last].argmax(-1).cpu())
         ids = torch.cat(frame_ids).tolist() if frame_ids else []
-        texts.append(" ".join(tokenizer.decode(ids).split()))
+        texts.append(tokenizer.decode(ids))  # as greedy_decode: the pipeline's text, spaces unfolded
     return texts

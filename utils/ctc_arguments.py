@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from utils.training import TrainingArguments
-from utils.vocabulary import DEFAULT_CHARS_TO_IGNORE
+from utils.vocabulary import DEFAULT_CHARS_TO_IGNORE, DEFAULT_WORD_SEPARATORS
 
 
 @dataclass
@@ -119,6 +119,12 @@ class DataArguments:
     chars_to_ignore: str = field(
         default=DEFAULT_CHARS_TO_IGNORE,
         metadata={"help": "Characters deleted from transcripts (all of the string's characters)."},
+    )
+    word_separators: str = field(
+        default=DEFAULT_WORD_SEPARATORS,
+        metadata={
+            "help": "Characters that stand between words, each made a space before --chars_to_ignore applies (dashes U+2012-2015, '|', the dandas '।' and '॥'). '' keeps them as they were: dashes stay characters, --chars_to_ignore deletes the rest."
+        },
     )
     do_lower_case: bool = field(
         default=True,

@@ -87,7 +87,7 @@ def model_card(model, base_model, results, model_args, data_args, train_args, lo
 ## Results
 
 Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); transcripts normalised
-(NFC, {"lowercase, " if data_args.do_lower_case else ""}punctuation removed, whitespace folded).
+(NFC, {"lowercase, " if data_args.do_lower_case else ""}{"dashes, '|' and dandas made spaces, " if data_args.word_separators else ""}punctuation removed, whitespace folded).
 
 | Dev set | WER | CER | Utterances | Words | Characters | Hours |
 |---|---|---|---|---|---|---|

@@ -57,7 +57,7 @@ def dataset_utterances(data: DataArguments, seed: int = 0):
             rows_by_split[name] = [streamed_transcripts(data, split)]
             continue
         rows, bad = dataset_rows(data, name, split, keep_audio=is_stream(split))
-        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case)
+        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case, data.word_separators)
         rows_by_split[name], unreadable = rows, unreadable + bad
         if not is_stream(split):  # what the DataLoader workers read from
             splits[name] = split.select_columns([data.audio_column_name])
@@ -118,8 +118,9 @@ def streamed_transcripts(data: DataArguments, split) -> dict:
             [{**row, "where": f"--dataset_name {data.dataset_name} split {data.train_split_name!r}, example {index}"}],
             data.chars_to_ignore,
             data.do_lower_case,
+            data.word_separators,
         )
-        characters.update(normalize_text(row["text"], data.chars_to_ignore, data.do_lower_case))
+        characters.update(normalize_text(row["text"], data.chars_to_ignore, data.do_lower_case, data.word_separators))
         participants.add(example.get(data.participant_column_name))
         count += 1
     if not count:

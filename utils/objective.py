@@ -1,10 +1,12 @@
-"""The wav2vec 2.0 pretraining objective around transformers' model: masks and negatives drawn per
-crop, the Gumbel temperature schedule, fairseq's feature penalty, and contrastive accuracy."""
+"""The wav2vec 2.0 pretraining objective around transformers' model: the values of each model family,
+masks and negatives drawn per crop, the Gumbel temperature schedule, fairseq's feature penalty,
+contrastive accuracy, and the soft code distribution the diversity term is computed from."""
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,10 +15,41 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
 
-# fairseq's wav2vec2-base ended its 400k updates with the Gumbel temperature at its floor (0.5);
-# a continued run starts there instead of re-heating the quantizer to 2.0 (which transformers
-# does on load) and scrambling the codebook the checkpoint learned.
-PRETRAINED_GUMBEL_STEPS = 400_000
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """The objective a model family was pretrained with in fairseq, which a continued run keeps.
+    `pretrained_updates`: where the Gumbel schedule of a continued run starts; the original runs
+    ended there with the temperature at its floor, and starting there keeps the quantizer from being
+    re-heated (transformers resets it to 2.0 on load) and scrambling the codebook it learned."""
+
+    family: str
+    source: str
+    feature_penalty_weight: float
+    feature_grad_mult: float
+    min_gumbel_temperature: float
+    pretrained_updates: int
+
+
+# Keyed by config.feat_extract_norm: group norm in the CNN is wav2vec2-base's design, layer norm
+# (with stable layer norm) that of large-lv60, large-robust and XLS-R. Sources in README.md.
+FAMILY_RECIPES = {
+    "group": FamilyRecipe(
+        "group-norm (wav2vec2-base)", "fairseq wav2vec2_base_librispeech.yaml", 10.0, 0.1, 0.5, 400_000
+    ),
+    "layer": FamilyRecipe(
+        "layer-norm (wav2vec2-large-lv60, large-robust, XLS-R)",
+        "fairseq wav2vec2_large_librivox.yaml",
+        0.0,
+        1.0,
+        0.1,
+        1_000_000,
+    ),
+}
+
+
+def family_recipe(config) -> FamilyRecipe:
+    return FAMILY_RECIPES[config.feat_extract_norm]
 
 
 def crop_frames(crop_seconds: float, config, mask_time_length: int) -> int:
@@ -97,3 +130,29 @@ def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
     )
     logits[1:][(quantized == negatives).all(-1)] = float("-inf")
     return ((logits.argmax(0) == 0) & inputs["mask_time_indices"].bool()).sum()
+
+
+@contextmanager
+def code_logits_of(model):
+    """Collects the quantizer's code logits (batch, frames, groups x codes) of each forward pass."""
+    captured: list[torch.Tensor] = []
+    hook = model.quantizer.weight_proj.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def soft_code_counts(code_logits: torch.Tensor, mask_time_indices: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(groups, codes): the softmax code probabilities summed over the masked frames, the distribution
+    the model's diversity term is computed from in training (not eval mode's argmax)."""
+    probs = code_logits.float().reshape(*code_logits.shape[:2], num_groups, -1).softmax(-1)
+    return (probs * mask_time_indices.bool()[..., None, None]).sum(dim=(0, 1))
+
+
+def diversity_of(code_counts: torch.Tensor) -> tuple[float, float]:
+    """(code perplexity, diversity term) of summed code probabilities, as transformers computes them
+    from a batch: perplexity exp(entropy) of each group's mean distribution, summed over groups."""
+    marginal = code_counts / code_counts.sum(-1, keepdim=True).clamp(min=1e-12)
+    perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
+    return perplexity.item(), (code_counts.numel() - perplexity).item() / code_counts.numel()

@@ -1,18 +1,23 @@
 """The flags of pretrain.py: model (checkpoint or config, config overrides, feature-encoder
 gradients), data (manifests or a folder to scan, crops), objective (masks, negatives, loss weights,
 Gumbel schedule), and the shared training-loop flags. A YAML recipe may set any of them (utils.training).
-apply_config_overrides is what --config_overrides does to the model config."""
+apply_config_overrides is what --config_overrides does to the model config; resolve_objective_defaults
+turns the 'auto' objective flags into the values of the model's family."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import yaml
 
 from utils.manifests import DEFAULT_PARTICIPANT_REGEX
-from utils.objective import PRETRAINED_GUMBEL_STEPS
+from utils.objective import family_recipe
 from utils.training import TrainingArguments
+
+logger = logging.getLogger(__name__)
+AUTO = "auto"
 
 
 @dataclass
@@ -28,9 +33,11 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'."}
     )
-    feature_grad_mult: float = field(
-        default=0.1,
-        metadata={"help": "Scale of the CNN feature encoder's gradients (fairseq: 0.1); 1 leaves them alone."},
+    feature_grad_mult: str = field(
+        default=AUTO,
+        metadata={
+            "help": "Scale of the CNN feature encoder's gradients; auto: 0.1 for group-norm models (base), 1 (untouched) for layer-norm ones (large, robust, XLS-R), as fairseq."
+        },
     )
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Train the transformer and quantizer only."})
     attn_implementation: str = field(
@@ -95,19 +102,22 @@ class ObjectiveArguments:
     num_negatives: int = field(default=100)
     contrastive_temperature: float = field(default=0.1)
     diversity_loss_weight: float = field(default=0.1)
-    feature_penalty_weight: float = field(
-        default=10.0,
+    feature_penalty_weight: str = field(
+        default=AUTO,
         metadata={
-            "help": "Weight of the mean square of the CNN features in the loss (fairseq: 10; transformers' model has no such term)."
+            "help": "Weight of the mean square of the CNN features in the loss (transformers' model has no such term); auto: 10 for group-norm models, 0 for layer-norm ones, as fairseq."
         },
     )
     max_gumbel_temperature: float = field(default=2.0)
-    min_gumbel_temperature: float = field(default=0.5)
+    min_gumbel_temperature: str = field(
+        default=AUTO,
+        metadata={"help": "Floor of the Gumbel schedule; auto: 0.5 for group-norm models, 0.1 for layer-norm ones."},
+    )
     gumbel_temperature_decay: float = field(default=0.999995)
-    gumbel_start_step: int | None = field(
-        default=None,
+    gumbel_start_step: str = field(
+        default=AUTO,
         metadata={
-            "help": f"Schedule step the run starts at; default 0 from scratch, {PRETRAINED_GUMBEL_STEPS} (temperature at its floor) when continuing."
+            "help": "Schedule step the run starts at; auto: 0 from scratch, else where the model's own pretraining ended (400000 updates for group-norm models, 1000000 for layer-norm ones: temperature at its floor)."
         },
     )
 
@@ -135,3 +145,50 @@ def apply_config_overrides(config, overrides: str | None) -> None:
             if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float))
             else new,
         )
+
+
+# The objective flags whose right value depends on the model family (utils.objective.FAMILY_RECIPES).
+FAMILY_FLAGS = ("feature_penalty_weight", "feature_grad_mult", "min_gumbel_temperature", "gumbel_start_step")
+
+
+def resolve_objective_defaults(model_args: ModelArguments, objective: ObjectiveArguments, config) -> str:
+    """Replaces each 'auto' of FAMILY_FLAGS with the value of the model's family (an explicit value
+    wins), logs the outcome and returns it as one line for the model card."""
+    recipe = family_recipe(config)
+    from_scratch = bool(model_args.config_name)
+    family_values = {
+        "feature_penalty_weight": recipe.feature_penalty_weight,
+        "feature_grad_mult": recipe.feature_grad_mult,
+        "min_gumbel_temperature": recipe.min_gumbel_temperature,
+        "gumbel_start_step": 0 if from_scratch else recipe.pretrained_updates,
+    }
+    parts, differs = [], False
+    for name, family_value in family_values.items():
+        group = model_args if hasattr(model_args, name) else objective
+        given = getattr(group, name)
+        cast = int if name == "gumbel_start_step" else float
+        if given is None or str(given).strip().lower() == AUTO:  # a recipe's null means auto too
+            setattr(group, name, cast(family_value))
+            parts.append(f"{name} {_number(family_value)} (auto)")
+            continue
+        try:
+            value = cast(float(given))
+        except ValueError:
+            raise SystemExit(f"error: --{name} takes a number or 'auto', not {given!r}") from None
+        if value < 0 or value != float(given):
+            raise SystemExit(f"error: --{name} must be a {'whole ' if cast is int else ''}number >= 0, not {given!r}")
+        setattr(group, name, value)
+        note = "" if value == family_value else f"; the family uses {_number(family_value)}"
+        differs |= bool(note)
+        parts.append(f"{name} {_number(value)} (set{note})")
+    line = (
+        f"objective for a {recipe.family} model, {'from scratch' if from_scratch else 'continued'}, "
+        f"defaults from {recipe.source}: " + ", ".join(parts)
+    )
+    # A recipe written for another family (base values on a large model) is the mistake to catch.
+    logger.log(logging.WARNING if differs else logging.INFO, line)
+    return line
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:g}"

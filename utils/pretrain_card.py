@@ -42,9 +42,10 @@ def _window_mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def model_card(model, base_model, data, args, log, accelerator, unreadable, gumbel_start) -> str:
+def model_card(model, base_model, data, args, log, accelerator, unreadable, objective_defaults: str) -> str:
     """README.md of a pretraining output. `data` is pretrain.py's PretrainingData (train_sources,
-    train_names, dev_rows); `args` its argument groups (utils.pretrain_arguments.Arguments)."""
+    train_names, dev_rows); `args` its argument groups (utils.pretrain_arguments.Arguments), with the
+    objective flags resolved; `objective_defaults` says how (utils.pretrain_arguments.resolve_objective_defaults)."""
     train_sources, train_names, dev_rows = data.train_sources, data.train_names, data.dev_rows
     data_args, objective, train_args = args.data, args.objective, args.training
     hardware, precision, num_processes = (
@@ -129,7 +130,9 @@ to 16 kHz mono; crops with RMS < {data_args.min_rms:g} redrawn (up to {data_args
 | Contrastive temperature | {objective.contrastive_temperature:g} |
 | Diversity loss weight | {objective.diversity_loss_weight:g} |
 | Feature penalty weight | {objective.feature_penalty_weight:g} (x mean square of the CNN features, as fairseq) |
-| Gumbel temperature | max({objective.max_gumbel_temperature:g} x {objective.gumbel_temperature_decay}^(step + {gumbel_start:,}), {objective.min_gumbel_temperature:g}) |
+| Gumbel temperature | max({objective.max_gumbel_temperature:g} x {objective.gumbel_temperature_decay}^(step + {objective.gumbel_start_step:,}), {objective.min_gumbel_temperature:g}) |
+| Feature encoder gradient scale | {"frozen" if args.model.freeze_feature_encoder else f"{args.model.feature_grad_mult:g}"} |
+| Objective defaults | {objective_defaults} |
 | Hardware | {hardware} |
 | Software | PyTorch {versions["torch"]}, Transformers {versions["transformers"]}, Accelerate {versions["accelerate"]}, soundfile {versions["soundfile"]}, soxr {versions["soxr"]} |
 
@@ -145,9 +148,16 @@ model's raw summed loss per update, the figure some cards report.
 | Final loss (step {last_step}) | {format_number(steps[-1]["loss"] if steps else None)} | {format_number(steps[-1]["loss_sum_per_update"] if steps else None, 1)} |
 | Avg loss (first {min(1000, last_step):,} steps) | {format_number(_window_mean(first_k, "loss"))} | {format_number(_window_mean(first_k, "loss_sum_per_update"), 1)} |
 | Avg loss (last {min(1000, last_step):,} steps) | {format_number(_window_mean(last_k, "loss"))} | {format_number(_window_mean(last_k, "loss_sum_per_update"), 1)} |
-| Dev loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {format_number(devs[0]["dev_loss"] if devs else None)} | |
-| Dev loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {format_number(devs[-1]["dev_loss"] if devs else None)} | |
+| Dev contrastive loss, first evaluation (step {devs[0]["step"] if devs else "n/a"}) | {format_number(devs[0].get("dev_contrastive_loss") if devs else None)} | |
+| Dev contrastive loss, last evaluation (step {devs[-1]["step"] if devs else "n/a"}) | {format_number(devs[-1].get("dev_contrastive_loss") if devs else None)} | |
 | Dev contrastive accuracy, last evaluation | {format_number(devs[-1]["dev_accuracy"] if devs else None, 3)} | |
+| Dev loss with diversity, last evaluation | {format_number(devs[-1]["dev_loss"] if devs else None)} | |
+
+Dev figures ({devs[-1].get("dev_crops", "n/a") if devs else "n/a"} fixed crops of the dev recordings, fixed masks and negatives): the
+contrastive loss and accuracy per masked frame over every dev crop are the headline, independent of the
+eval batch size and the number of processes. "Dev loss with diversity" adds {objective.diversity_loss_weight:g} x the
+diversity term of the soft code distribution over all dev masked frames at once (in training that term is
+a statistic of each batch, so the two are not the same figure).
 
 ![loss curve](loss_curve.png)
 

@@ -1,5 +1,5 @@
-"""pretrain.py's train-log rows: sums over the updates since the last row, reported per masked frame
-and summed over all processes, with the crop streams' counts."""
+"""pretrain.py's log rows: train rows (sums over the updates since the last row, reported per masked
+frame and summed over all processes, with the crop streams' counts) and dev rows (DevSums)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from utils.cards import format_number
 from utils.crops import stream_totals
+from utils.objective import contrastive_correct, diversity_of, soft_code_counts
 from utils.training import gather_unreadable
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,58 @@ def train_row(
     return record, unreadable
 
 
-def dev_summary(record: dict) -> str:
-    """The dev row for the console; a figure computed from NaN is null."""
-    return f"dev loss {format_number(record['dev_loss'])}, dev accuracy {format_number(record['dev_accuracy'], 3)}"
+class DevSums:
+    """One evaluation on the fixed dev crops, summed over every crop, batch and process so that its
+    figures do not depend on the eval batch size or the number of processes.
+
+    dev_contrastive_loss and dev_accuracy (the headline figures): per masked frame, over every dev crop.
+    dev_diversity_loss: the diversity term of the soft code distribution over all dev masked frames at
+    once (computed as in training, where it is a statistic of each batch; eval mode's argmax perplexity
+    of each batch would make it depend on the batch size). dev_loss: contrastive + weight x diversity,
+    composed as the train loss is.
+    """
+
+    def __init__(self, config, device):
+        self.config = config
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # contrastive loss, correct, masked, crops
+        self.codes = torch.zeros(
+            config.num_codevector_groups, config.num_codevectors_per_group, dtype=torch.float64, device=device
+        )
+
+    def add(self, out, inputs: dict, code_logits: torch.Tensor) -> None:
+        mask = inputs["mask_time_indices"]
+        correct = contrastive_correct(out, inputs, self.config)
+        self.sums += torch.stack(
+            [
+                out.contrastive_loss.double(),
+                correct.double(),
+                mask.sum().double(),
+                torch.tensor(float(len(mask)), dtype=torch.float64, device=mask.device),
+            ]
+        )
+        self.codes += soft_code_counts(code_logits, mask, self.config.num_codevector_groups).double()
+
+    def row(self, accelerator, step: int) -> dict:
+        sums = accelerator.reduce(self.sums, reduction="sum").tolist()
+        perplexity, diversity = diversity_of(accelerator.reduce(self.codes, reduction="sum"))
+        contrastive = sums[0] / sums[2]
+        return {
+            "step": step,
+            "dev_contrastive_loss": contrastive,
+            "dev_accuracy": sums[1] / sums[2],
+            "dev_diversity_loss": diversity,
+            "dev_loss": contrastive + self.config.diversity_loss_weight * diversity,
+            "dev_codevector_perplexity": perplexity,
+            "dev_crops": int(sums[3]),
+            "dev_masked_frames": int(sums[2]),
+        }
+
+
+def describe_dev_row(record: dict) -> str:
+    """The log line of a dev row: which figure is which."""
+    return (
+        f"step {record['step']}: dev contrastive loss {format_number(record['dev_contrastive_loss'])} and accuracy "
+        f"{format_number(record['dev_accuracy'], 3)} per masked frame over all {record['dev_crops']} dev crops "
+        f"(the headline; null: computed from NaN or Inf); "
+        f"dev loss {format_number(record['dev_loss'])} (+ diversity of the codes over the whole dev set)"
+    )

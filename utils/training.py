@@ -15,6 +15,7 @@ import torch
 from utils.audio import TARGET_SAMPLE_RATE
 from utils.cards import card_flag_problem
 from utils.processes import ignore_sigterm
+from utils.progress import DEFAULT_PROGRESS_INTERVAL, PROGRESS_INTERVAL_HELP
 from utils.recipes import read_recipe
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class TrainingArguments:
     seed: int = field(default=0)
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     logging_steps: int = field(default=10)
+    progress_interval: float = field(default=DEFAULT_PROGRESS_INTERVAL, metadata={"help": PROGRESS_INTERVAL_HELP})
     eval_steps: int = field(default=500, metadata={"help": "Evaluate on dev every N updates; 0 turns it off."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N updates; 0 turns it off."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest N checkpoints."})
@@ -107,6 +109,7 @@ ARGUMENT_MINIMUMS = {
     "num_negatives": 1,
     "max_grad_norm": 0,
     "max_consecutive_nonfinite": 1,
+    "progress_interval": 0,
 }
 
 

@@ -46,6 +46,7 @@ class UtteranceStream(torch.utils.data.IterableDataset):
         self.dataset, self.tokenizer, self.geometry, self.normalize = dataset, tokenizer, geometry, normalize
         self.audio_column, self.text_column = data_args.audio_column_name, data_args.text_column_name
         self.chars_to_ignore, self.lowercase = data_args.chars_to_ignore, data_args.do_lower_case
+        self.word_separators = data_args.word_separators
         self.max_duration, self.skip_long = data_args.max_duration_seconds, data_args.long_utterances == "skip"
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.buffer_size = data_args.stream_shuffle_buffer
@@ -100,7 +101,9 @@ class UtteranceStream(torch.utils.data.IterableDataset):
         """What a batch needs of an example before reading it: its audio (kept encoded), duration
         from the header, and labels; an error if it cannot be read; None if it is left out."""
         label = value_label(example[self.audio_column], f"pass {epoch} example {position}")
-        text = normalize_text(example[self.text_column] or "", self.chars_to_ignore, self.lowercase)
+        text = normalize_text(
+            example[self.text_column] or "", self.chars_to_ignore, self.lowercase, self.word_separators
+        )
         try:
             if not text:
                 raise ValueError("empty transcript")

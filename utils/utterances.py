@@ -78,12 +78,12 @@ def measure_durations(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return readable, unreadable
 
 
-def check_transcripts(rows: list[dict], chars_to_ignore: str, lowercase: bool) -> None:
+def check_transcripts(rows: list[dict], chars_to_ignore: str, lowercase: bool, word_separators: str) -> None:
     """Normalise every transcript in place; an empty one is an error that names its line."""
     for row in rows:
         if not row["text"].strip():
             raise ValueError(f"{row['where']}: empty transcript for {row['path']}")
-        normalized = normalize_text(row["text"], chars_to_ignore, lowercase)
+        normalized = normalize_text(row["text"], chars_to_ignore, lowercase, word_separators)
         if not normalized:
             raise ValueError(
                 f"{row['where']}: transcript {row['text']!r} of {row['path']} is empty once --chars_to_ignore is removed"
@@ -112,7 +112,7 @@ def manifest_utterances(data: DataArguments, seed: int) -> tuple[list[dict], lis
     if data.dev_manifest and not dev:
         raise ValueError(f"dev manifest {data.dev_manifest} has no rows")
     for rows in (train, dev):
-        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case)
+        check_transcripts(rows, data.chars_to_ignore, data.do_lower_case, data.word_separators)
     train, bad_train = measure_durations(train)
     dev, bad_dev = measure_durations(dev)
     how = f"--dev_manifest {data.dev_manifest}"

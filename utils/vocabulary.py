@@ -14,17 +14,29 @@ PAD, UNK, WORD_DELIMITER = "[PAD]", "[UNK]", "|"
 # Punctuation that carries no sound. '|' is the tokenizer's word delimiter (and a common stand-in
 # for the Devanagari danda), so it must not stay in a transcript.
 DEFAULT_CHARS_TO_IGNORE = ',?.!-;:"“”«»%…¿¡()[]{}|।॥�'
+# Characters that stand between words: each becomes a space. Deleted, a dash would join the words on
+# either side ("well—maybe" -> "wellmaybe") and so would '|' (the tokenizer's word delimiter, a common
+# stand-in for the danda), the danda '।' and the double danda '॥'. Figure dash to horizontal bar, U+2012-2015.
+DEFAULT_WORD_SEPARATORS = "\u2012\u2013\u2014\u2015|।॥"
 # Typographic apostrophes are the same letter as the typed one: "don’t" and "don't" must not differ.
 APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'"})
 
 
-def normalize_text(text: str, chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE, lowercase: bool = True) -> str:
-    """NFC, lowercase, ignored characters deleted, whitespace folded to single spaces.
+def normalize_text(
+    text: str,
+    chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE,
+    lowercase: bool = True,
+    word_separators: str = DEFAULT_WORD_SEPARATORS,
+) -> str:
+    """NFC, lowercase, word separators made spaces, ignored characters deleted, whitespace folded to
+    single spaces. `word_separators=""` keeps the separators as characters (or, if they are in
+    `chars_to_ignore`, deletes them).
 
     NFC keeps Devanagari intact: vowel signs, virama and nukta stay as they are in composed text
     (precomposed nukta letters such as U+0958 become letter + nukta, their canonical NFC form).
     """
     text = unicodedata.normalize("NFC", text.lower() if lowercase else text).translate(APOSTROPHES)
+    text = text.translate({ord(c): " " for c in unicodedata.normalize("NFC", word_separators)})
     ignore = set(unicodedata.normalize("NFC", chars_to_ignore))
     if ignore:
         text = "".join(c for c in text if c not in ignore)
