@@ -154,6 +154,6 @@ def describe_dev_row(record: dict) -> str:
     return (
         f"step {record['step']}: dev contrastive loss {format_number(record['dev_contrastive_loss'])} and accuracy "
         f"{format_number(record['dev_accuracy'], 3)} per masked frame over all {record['dev_crops']} dev crops "
-        f"(the headline; null: computed from NaN or Inf); "
+        f"(the headline{'; n/a: computed from NaN or Inf' if record['dev_contrastive_loss'] is None else ''}); "
         f"dev loss {format_number(record['dev_loss'])} (+ diversity of the codes over the whole dev set)"
     )
