@@ -288,7 +288,7 @@ def compare_hourglass(args) -> dict:
             run = runs[variant][-1]
             print(
                 f"round {round_index + 1} {variant:9s} {run['audio_seconds_per_second']:10.2f} audio-s/s   "
-                f"peak memory {run['peak_memory_gb']:.2f} GB (step {run['step_memory_gb']:.2f} GB)",
+                f"peak memory {run['peak_memory_gb']:.3f} GB (step {run['step_memory_gb']:.3f} GB)",
                 flush=True,
             )
     best = {variant: max(r, key=lambda run: run["audio_seconds_per_second"]) for variant, r in runs.items()}
@@ -302,8 +302,8 @@ def compare_hourglass(args) -> dict:
     )
     for variant, run in best.items():
         print(
-            f"{variant}: {run['audio_seconds_per_second']:.2f} audio-s/s, peak memory {run['peak_memory_gb']:.2f} GB, "
-            f"step memory {run['step_memory_gb']:.2f} GB"
+            f"{variant}: {run['audio_seconds_per_second']:.2f} audio-s/s, peak memory {run['peak_memory_gb']:.3f} GB, "
+            f"step memory {run['step_memory_gb']:.3f} GB"
         )
     print(f"hourglass speedup: {summary['speedup']:.3f}")
     print(f"hourglass memory ratio: {summary['memory_ratio']:.3f}")
