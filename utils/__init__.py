@@ -6,6 +6,7 @@ Every script
   training           shared training flags and YAML recipes, the Accelerator, loaders, logs, SIGTERM, clean exit
   checkpoints        atomic checkpoints (save, list, resolve 'latest', load) and atomic model folders
   cards              model-card figures, software versions, hardware; the Hub push
+  hourglass          the Hourglass encoder (config field hourglass); which config and model class a folder needs
 pretrain.py
   pretrain_arguments its flags
   crops              CropStream: silence-filtered random crops of long recordings

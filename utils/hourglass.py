@@ -40,6 +40,8 @@ from transformers import (
     Wav2Vec2ForPreTraining,
     Wav2Vec2Model,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Encoder, Wav2Vec2EncoderStableLayerNorm
@@ -127,9 +129,6 @@ def lengthen(hidden_states: torch.Tensor, factor: int, length: int) -> torch.Ten
 
 def run_layers(encoder, layers, hidden_states, attention_mask, **kwargs):
     """The layers in turn, with LayerDrop as transformers' encoder applies it."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    from transformers.integrations.fsdp import is_fsdp_managed_module
-
     synced_gpus = is_deepspeed_zero3_enabled() or is_fsdp_managed_module(encoder)
     for layer in layers:
         skip = encoder.training and encoder.config.layerdrop > 0.0 and torch.rand([]) < encoder.config.layerdrop
@@ -142,7 +141,7 @@ def run_hourglass(encoder, hidden_states, attention_mask, **kwargs):
     """The transformer layers of `encoder` as an hourglass; `attention_mask` is the 2-D frame mask.
     A stack cut short (extract_features.py drops the layers above the last one it saves) runs the
     layers it has."""
-    before, middle, factor, _ = parse_hourglass(encoder.config.hourglass)
+    before, middle, factor, _ = encoder.hourglass
     config, layers = encoder.config, encoder.layers
     full_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask)
     if factor == 1 or len(layers) <= before:
@@ -165,6 +164,10 @@ def _zero_padding(hidden_states, attention_mask):
 class HourglassWav2Vec2Encoder(Wav2Vec2Encoder):
     """Post-layer-norm encoder (wav2vec2-base): the same modules, layers run as an hourglass."""
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.hourglass = parse_hourglass(config.hourglass)  # parsed once: forward stays plain tensor code
+
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         hidden_states = _zero_padding(hidden_states, attention_mask)
         position_embeddings = self.pos_conv_embed(hidden_states)
@@ -175,6 +178,10 @@ class HourglassWav2Vec2Encoder(Wav2Vec2Encoder):
 
 class HourglassWav2Vec2EncoderStableLayerNorm(Wav2Vec2EncoderStableLayerNorm):
     """Pre-layer-norm encoder (large-lv60, large-robust, XLS-R), layers run as an hourglass."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.hourglass = parse_hourglass(config.hourglass)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         hidden_states = _zero_padding(hidden_states, attention_mask)
@@ -206,7 +213,7 @@ class HourglassWav2Vec2Model(Wav2Vec2Model):
             **kwargs,
         )
         if outputs.hidden_states is not None and self.config.hourglass is not None:
-            factor, length = parse_hourglass(self.config.hourglass)[2], outputs.last_hidden_state.shape[1]
+            factor, length = self.encoder.hourglass[2], outputs.last_hidden_state.shape[1]
             outputs["hidden_states"] = tuple(
                 state if state is None or state.shape[1] == length else lengthen(state, factor, length)
                 for state in outputs.hidden_states
