@@ -40,7 +40,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     echo "error: $py cannot import torch: install the torch build for this machine first (e.g. make setup TORCH=torch==2.13.0)" >&2
     exit 2
 fi
-if ! "$py" -c "import transformers, accelerate, soundfile, soxr, jiwer, yaml, tqdm" 2>/dev/null; then
+if ! "$py" -c "import transformers, accelerate, datasets, soundfile, soxr, jiwer, yaml, tqdm, matplotlib" 2>/dev/null; then
     "$py" -m pip install --quiet -r requirements.txt || { echo "error: pip install -r requirements.txt failed" >&2; exit 2; }
 fi
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')")

@@ -12,10 +12,12 @@ MFU from the training cost of wav2vec2-base (44 GFLOP per audio second; REFERENC
 the model's size, and the peak memory of both.
 
 With --hourglass the bare step of the standard and of the Hourglass encoder (utils/hourglass.py;
-the same config otherwise, the same batch) run, each in a fresh process so that neither inherits
-the other's memory, alternately --rounds times (the best speed of each counts: on a shared machine
-the slowest runs measure the neighbours). It prints `hourglass speedup: X` (audio-s/s, hourglass /
-standard) and `hourglass memory ratio: Y` (peak memory, hourglass / standard). Peak memory is what
+the same config otherwise, the same batch) are compared. Speed: both models in one process, a step
+of one then a step of the other, --steps each after --warmup_steps, so that both see the same
+machine however busy other jobs keep it. Memory: each in fresh processes (so that neither inherits
+the other's), alternately --rounds times, the least peak of each. It prints `hourglass speedup: X`
+(audio-s/s, hourglass / standard) and `hourglass memory ratio: Y` (peak memory, hourglass /
+standard). Peak memory is what
 training the model takes at its peak above what the process held before the model was built
 (weights, gradients, optimizer state, activations; on a GPU the allocator's peak, on a CPU the
 resident set's high-water mark); `step memory` is the part above what was held just before the
@@ -41,7 +43,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from transformers import Wav2Vec2ForPreTraining  # noqa: E402
+
+from utils.audio import conv_frames, conv_geometry  # noqa: E402
+from utils.hourglass import model_class, parse_hourglass, read_config, with_encoder  # noqa: E402
 from utils.manifests import prepare_manifests  # noqa: E402
+from utils.objective import MaskAndNegatives  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs" / "tiny-wav2vec2-base", "robust": REPO / "configs" / "tiny-wav2vec2-robust"}
 BASE_TRAIN_FLOPS_PER_AUDIO_SECOND = 44e9  # wav2vec2-base, 8 s crops, no activation checkpointing
@@ -94,15 +101,9 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
 
 
-def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dict:
-    """Audio seconds per second of forward + backward + optimizer step on ready tensors, and the peak
-    and step memory (see the module docstring); the Hourglass encoder `hourglass` if given."""
-    from transformers import Wav2Vec2ForPreTraining
-
-    from utils.audio import conv_frames, conv_geometry
-    from utils.hourglass import model_class, parse_hourglass, read_config, with_encoder
-    from utils.objective import MaskAndNegatives
-
+def training_step(config_dir: Path, args, hourglass: str | None = None):
+    """forward + backward + AdamW step of a fresh model on ready tensors (a closure), and its device;
+    the Hourglass encoder `hourglass` if given."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = read_config(config_dir)
     if args.hourglass:  # the standard encoder it is compared with has as many layers
@@ -110,7 +111,6 @@ def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dic
     if hourglass:
         config.hourglass = hourglass
         config = with_encoder(config)
-    before_model = memory_gb()
     model = model_class(config, Wav2Vec2ForPreTraining)._from_config(config, attn_implementation="sdpa")
     model = model.to(device).train()
     if args.gradient_checkpointing:
@@ -138,19 +138,25 @@ def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dic
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
+    return step, device
+
+
+def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dict:
+    """Audio seconds per second of the training step, and the peak and step memory (see the module
+    docstring); the Hourglass encoder `hourglass` if given."""
+    before_model = memory_gb()
+    step, _ = training_step(config_dir, args, hourglass)
     for _ in range(args.warmup_steps):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
     before_steps = memory_gb()
     peak = max(memory_gb("VmHWM"), before_steps)  # the warm-up steps' peak (the step memory is reset below)
     reset_peak_memory()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     step_peak = memory_gb("VmHWM")
     return {
@@ -158,6 +164,23 @@ def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dic
         "peak_memory_gb": max(peak, step_peak) - before_model,
         "step_memory_gb": step_peak - before_steps,
     }
+
+
+def interleaved_speeds(config_dir: Path, args) -> dict:
+    """Audio seconds per second of the standard and the hourglass step, taken in turns in one process:
+    both see the same machine, however busy its other jobs keep it."""
+    steps = {
+        "standard": training_step(config_dir, args)[0],
+        "hourglass": training_step(config_dir, args, args.hourglass)[0],
+    }
+    seconds = dict.fromkeys(steps, 0.0)
+    for index in range(args.warmup_steps + args.steps):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if index >= args.warmup_steps:
+                seconds[variant] += time.perf_counter() - start
+    return {variant: args.steps * args.batch_size * args.crop_seconds / s for variant, s in seconds.items()}
 
 
 def loop_speed(config_dir: Path, manifest: Path, workdir: Path, args) -> tuple[float, float]:
@@ -275,35 +298,45 @@ def main() -> None:
         print(f"audio-s/s: {loop if not args.skip_loop else bare:.1f}")
 
 
+# glibc keeps freed blocks for reuse, so a CPU process's resident set lags what it holds: with every
+# block above 64 KB mapped and unmapped on its own, the peak resident set is the peak of the tensors.
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def compare_hourglass(args) -> dict:
-    """The bare step of the standard and the Hourglass encoder, each in its own process, alternately."""
-    child = [sys.executable, str(Path(__file__).resolve()), *[a for a in sys.argv[1:]]]
+    """Memory: each encoder in fresh processes (--rounds each, alternately; the least peak counts).
+    Speed: both in this process, a step of one then a step of the other."""
+    child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--steps", "1"]
     runs = {"standard": [], "hourglass": []}
     for round_index in range(args.rounds):
         for variant in runs:
-            result = subprocess.run([*child, "--measure", variant], capture_output=True, text=True)
+            result = subprocess.run([*child, "--measure", variant], capture_output=True, text=True, env=MALLOC_ENV)
             if result.returncode != 0:
                 raise SystemExit(f"{variant} run failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
             runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
             run = runs[variant][-1]
             print(
-                f"round {round_index + 1} {variant:9s} {run['audio_seconds_per_second']:10.2f} audio-s/s   "
-                f"peak memory {run['peak_memory_gb']:.3f} GB (step {run['step_memory_gb']:.3f} GB)",
+                f"round {round_index + 1} {variant:9s} peak memory {run['peak_memory_gb']:.3f} GB "
+                f"(step {run['step_memory_gb']:.3f} GB)",
                 flush=True,
             )
-    best = {variant: max(r, key=lambda run: run["audio_seconds_per_second"]) for variant, r in runs.items()}
+    peak = {variant: min(r["peak_memory_gb"] for r in rs) for variant, rs in runs.items()}
+    step = {variant: min(r["step_memory_gb"] for r in rs) for variant, rs in runs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        speed = interleaved_speeds(model_folder(args.config, Path(tmp)), args)
     summary = {
-        "speedup": best["hourglass"]["audio_seconds_per_second"] / best["standard"]["audio_seconds_per_second"],
-        "memory_ratio": best["hourglass"]["peak_memory_gb"] / best["standard"]["peak_memory_gb"],
-        "step_memory_ratio": best["hourglass"]["step_memory_gb"] / best["standard"]["step_memory_gb"],
+        "speedup": speed["hourglass"] / speed["standard"],
+        "memory_ratio": peak["hourglass"] / peak["standard"],
+        "step_memory_ratio": step["hourglass"] / step["standard"],
     }
     print(
-        f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, hourglass {args.hourglass}"
+        f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, hourglass {args.hourglass}"
     )
-    for variant, run in best.items():
+    for variant in runs:
         print(
-            f"{variant}: {run['audio_seconds_per_second']:.2f} audio-s/s, peak memory {run['peak_memory_gb']:.3f} GB, "
-            f"step memory {run['step_memory_gb']:.3f} GB"
+            f"{variant}: {speed[variant]:.2f} audio-s/s, peak memory {peak[variant]:.3f} GB, "
+            f"step memory {step[variant]:.3f} GB"
         )
     print(f"hourglass speedup: {summary['speedup']:.3f}")
     print(f"hourglass memory ratio: {summary['memory_ratio']:.3f}")

@@ -73,6 +73,8 @@ def test_config_overrides_make_and_unmake_an_hourglass_config():
     assert config.layerdrop == 0.05 and config.hidden_size == 768 and config.model_type == "hourglass_wav2vec2"
     standard = apply_config_overrides(config, "hourglass=null")
     assert type(standard) is Wav2Vec2Config and not hasattr(standard, "hourglass") and standard.layerdrop == 0.05
+    plain = apply_config_overrides(read_config(REPO / "configs" / "wav2vec2-base"), "hourglass=null")
+    assert type(plain) is Wav2Vec2Config and not hasattr(plain, "hourglass")
     with pytest.raises(SystemExit, match="--config_overrides: hourglass .* has 4 layers but num_hidden_layers is 2"):
         apply_config_overrides(read_config(REPO / "configs" / "tiny-wav2vec2-base"), "hourglass=[1,(2,4),1]")
     tiny = apply_config_overrides(

@@ -264,8 +264,8 @@ def with_encoder(config):
     hourglass = getattr(config, "hourglass", None)
     if isinstance(hourglass, str) and hourglass.strip().lower() in ("", "null", "none"):
         hourglass = None
-    if hourglass is None and type(config) is Wav2Vec2Config:
-        return config
+    if hourglass is None and type(config) is Wav2Vec2Config and not hasattr(config, "hourglass"):
+        return config  # rebuilt otherwise, so that no 'hourglass' key is saved with a standard model
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map", "hourglass")}
     return Wav2Vec2Config(**fields) if hourglass is None else HourglassWav2Vec2Config(hourglass=hourglass, **fields)
 
