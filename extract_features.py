@@ -41,6 +41,7 @@ from transformers import AutoConfig, Wav2Vec2Model
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
+from utils.hourglass import MODEL_TYPE, model_class, read_config
 from utils.manifests import write_tsv
 from utils.processes import StopSignal, ignore_sigterm
 from utils.progress import DEFAULT_PROGRESS_INTERVAL, PROGRESS_INTERVAL_HELP, progress_bar
@@ -172,7 +173,7 @@ def load_config(args: argparse.Namespace):
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path}: {error}") from None
-    if config.model_type != "wav2vec2":
+    if config.model_type not in ("wav2vec2", MODEL_TYPE):  # AutoConfig knows MODEL_TYPE once utils.hourglass is in
         raise SystemExit(
             f"error: --model_name_or_path {args.model_name_or_path} is a {config.model_type} model, not wav2vec2"
         )
@@ -202,7 +203,9 @@ def load_model(args: argparse.Namespace, layers: list[int] | None, device: torch
         raise SystemExit(
             f"error: --model_name_or_path {args.model_name_or_path} expects {feature_extractor.sampling_rate} Hz audio; only {TARGET_SAMPLE_RATE} Hz models are supported"
         )
-    model = Wav2Vec2Model.from_pretrained(args.model_name_or_path, dtype=DTYPES[args.dtype])
+    model = model_class(read_config(args.model_name_or_path), Wav2Vec2Model).from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.dtype]
+    )
     if layers is not None:  # layers above the highest one asked for are never run
         del model.encoder.layers[max(1, max(layers)) :]
     model.to(device).eval()

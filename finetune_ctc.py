@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor, get_scheduler
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.batches import make_loaders
@@ -42,6 +42,7 @@ from utils.ctc_card import eval_results, model_card, write_eval_results
 from utils.ctc_corpus import Corpus, select_training_utterances, stop_if_all_unreadable, summarize_data, write_split
 from utils.ctc_run import Progress, Run, resume
 from utils.dataset_utterances import dataset_utterances
+from utils.hourglass import model_class, read_config
 from utils.processes import StopSignal, end_processes
 from utils.progress import progress_bar
 from utils.run_folder import claim_output_dir
@@ -104,7 +105,7 @@ def load_corpus(model_args, data_args, seed: int) -> Corpus:
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, train_rows, dev_rows)
         check_start_weights(model_args.model_name_or_path, model_args.config_name)
         try:
-            config = Wav2Vec2Config.from_pretrained(model_source)
+            config = read_config(model_source)
         except OSError as error:
             flag = "--config_name" if model_args.config_name else "--model_name_or_path"
             raise ValueError(
@@ -131,13 +132,15 @@ def build_model(model_args, train_args, corpus: Corpus) -> tuple[Wav2Vec2ForCTC,
     """The encoder with a CTC head for the vocabulary, and the name of what it started from."""
     overrides = config_overrides(model_args, len(corpus.vocab), corpus.tokenizer.pad_token_id)
     if model_args.config_name:
-        config = Wav2Vec2Config.from_pretrained(model_args.config_name, **overrides)
-        model = Wav2Vec2ForCTC._from_config(config, attn_implementation=model_args.attn_implementation)
+        config = read_config(model_args.config_name, **overrides)
+        model = model_class(config, Wav2Vec2ForCTC)._from_config(
+            config, attn_implementation=model_args.attn_implementation
+        )
         base_model, loading = f"random init from {model_args.config_name}", {"missing_keys": []}
     else:
         # A plain from_pretrained: a local folder is a model to start from, never a checkpoint to
         # resume (resuming is --resume_from_checkpoint's job only).
-        model, loading = Wav2Vec2ForCTC.from_pretrained(
+        model, loading = model_class(corpus.config, Wav2Vec2ForCTC).from_pretrained(
             model_args.model_name_or_path,
             attn_implementation=model_args.attn_implementation,
             ignore_mismatched_sizes=model_args.new_ctc_head,

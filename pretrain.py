@@ -26,6 +26,7 @@ from utils.checkpoint_loading import load_checkpoint
 from utils.checkpoints import check_start_weights, save_checkpoint
 from utils.crops import CropStream, exit_on_unreadable
 from utils.dataset_recordings import dataset_recordings
+from utils.hourglass import model_class, read_config
 from utils.manifests import (
     parse_weighted_manifests,
     read_manifest,
@@ -186,13 +187,13 @@ def build_data(args: Arguments, config, feature_extractor, accelerator, output_d
 def load_config(model_args: ModelArguments, objective: ObjectiveArguments) -> Wav2Vec2Config:
     model_source = model_args.config_name or model_args.model_name_or_path
     try:
-        config = Wav2Vec2Config.from_pretrained(model_source)
+        config = read_config(model_source)
     except OSError as error:
         raise SystemExit(
             f"error: cannot load a wav2vec2 config from {model_source!r} (--config_name / --model_name_or_path): {error}"
         ) from None
     check_start_weights(model_args.model_name_or_path, model_args.config_name)
-    apply_config_overrides(config, model_args.config_overrides)
+    config = apply_config_overrides(config, model_args.config_overrides)
     if objective.mask_time_prob <= 0:
         raise SystemExit("error: --mask_time_prob must be above 0: the contrastive task predicts masked frames")
     # The objective is ours, whatever the checkpoint's config says: time masks from the workers
@@ -204,10 +205,12 @@ def load_config(model_args: ModelArguments, objective: ObjectiveArguments) -> Wa
 def load_model(model_args: ModelArguments, config: Wav2Vec2Config) -> tuple[Wav2Vec2ForPreTraining, str]:
     """The model (random init with --config_name) and its base model for the card."""
     if model_args.config_name:
-        model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation=model_args.attn_implementation)
+        model = model_class(config, Wav2Vec2ForPreTraining)._from_config(
+            config, attn_implementation=model_args.attn_implementation
+        )
         return model, f"random init from {model_args.config_name}"
     # config=config: overrides such as dropout rates must be in place when the modules are built.
-    model, loading_info = Wav2Vec2ForPreTraining.from_pretrained(
+    model, loading_info = model_class(config, Wav2Vec2ForPreTraining).from_pretrained(
         model_args.model_name_or_path,
         config=config,
         attn_implementation=model_args.attn_implementation,

@@ -19,6 +19,7 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from utils.ctc import transcribe
+from utils.hourglass import model_class, read_config
 from utils.manifests import escape_tsv
 
 
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context_seconds", type=float, default=2.0, help="extra audio on each side of a chunk")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    model = Wav2Vec2ForCTC.from_pretrained(args.model_name_or_path)
+    ctc_class = model_class(read_config(args.model_name_or_path), Wav2Vec2ForCTC)  # an Hourglass model needs its own
+    model = ctc_class.from_pretrained(args.model_name_or_path)
     processor = Wav2Vec2Processor.from_pretrained(args.model_name_or_path)
     failures = 0
     for path in args.files:

@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py [--config tiny|base|robust|PATH] [--batch_size 8] [--crop_seconds 8]
         [--precision fp32|fp16|bf16] [--gradient_checkpointing] [--steps 30] [--manifest M]
+    python bench/train_throughput.py --config base --hourglass "[2,(8,4),2]" [--rounds 2]
 
 The full loop is pretrain.main() itself (crop stream with workers, masks, loss normalisation,
 logging); its speed is the steady-state `audio_seconds_per_second` it logs. The bare step is
@@ -9,6 +10,18 @@ forward + backward + AdamW on tensors already on the device with the same shapes
 ratio is bare / loop audio-seconds per second (1.00 = no overhead). On a GPU the run also prints
 MFU from the training cost of wav2vec2-base (44 GFLOP per audio second; REFERENCE.md) scaled to
 the model's size, and the peak memory of both.
+
+With --hourglass the bare step of the standard and of the Hourglass encoder (utils/hourglass.py;
+the same config otherwise, the same batch) are compared. Speed: both models in one process, a step
+of one then a step of the other, --steps each after --warmup_steps, so that both see the same
+machine however busy other jobs keep it. Memory: each in fresh processes (so that neither inherits
+the other's), alternately --rounds times, the least peak of each. It prints `hourglass speedup: X`
+(audio-s/s, hourglass / standard) and `hourglass memory ratio: Y` (peak memory, hourglass /
+standard). Peak memory is what
+training the model takes at its peak above what the process held before the model was built
+(weights, gradients, optimizer state, activations; on a GPU the allocator's peak, on a CPU the
+resident set's high-water mark); `step memory` is the part above what was held just before the
+timed steps (activations and temporaries: what the hourglass shrinks).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +43,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from transformers import Wav2Vec2ForPreTraining  # noqa: E402
+
+from utils.audio import conv_frames, conv_geometry  # noqa: E402
+from utils.hourglass import model_class, parse_hourglass, read_config, with_encoder  # noqa: E402
 from utils.manifests import prepare_manifests  # noqa: E402
+from utils.objective import MaskAndNegatives  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs" / "tiny-wav2vec2-base", "robust": REPO / "configs" / "tiny-wav2vec2-robust"}
 BASE_TRAIN_FLOPS_PER_AUDIO_SECOND = 44e9  # wav2vec2-base, 8 s crops, no activation checkpointing
@@ -66,16 +85,34 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: the process peak so far (never reset)
 
 
-def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
-    """Audio seconds per second of forward + backward + optimizer step on ready tensors."""
-    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+def memory_gb(key: str = "VmRSS") -> float:
+    """GPU: allocated now (VmRSS) or the peak since the last reset (VmHWM); CPU: the resident set."""
+    if torch.cuda.is_available():
+        return (torch.cuda.memory_allocated() if key == "VmRSS" else torch.cuda.max_memory_allocated()) / 2**30
+    status = Path("/proc/self/status").read_text()  # Linux
+    (line,) = [line for line in status.splitlines() if line.startswith(key + ":")]
+    return int(line.split()[1]) / 2**20
 
-    from utils.audio import conv_frames, conv_geometry
-    from utils.objective import MaskAndNegatives
 
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
+
+
+def training_step(config_dir: Path, args, hourglass: str | None = None):
+    """forward + backward + AdamW step of a fresh model on ready tensors (a closure), and its device;
+    the Hourglass encoder `hourglass` if given."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = Wav2Vec2Config.from_pretrained(config_dir)
-    model = Wav2Vec2ForPreTraining._from_config(config, attn_implementation="sdpa").to(device).train()
+    config = read_config(config_dir)
+    if args.hourglass:  # the standard encoder it is compared with has as many layers
+        config.num_hidden_layers = sum(parse_hourglass(args.hourglass)) - parse_hourglass(args.hourglass)[2]
+    if hourglass:
+        config.hourglass = hourglass
+        config = with_encoder(config)
+    model = model_class(config, Wav2Vec2ForPreTraining)._from_config(config, attn_implementation="sdpa")
+    model = model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -101,19 +138,49 @@ def bare_step_speed(config_dir: Path, args) -> tuple[float, float]:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    for _ in range(3):
+    return step, device
+
+
+def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dict:
+    """Audio seconds per second of the training step, and the peak and step memory (see the module
+    docstring); the Hourglass encoder `hourglass` if given."""
+    before_model = memory_gb()
+    step, _ = training_step(config_dir, args, hourglass)
+    for _ in range(args.warmup_steps):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    before_steps = memory_gb()
+    peak = max(memory_gb("VmHWM"), before_steps)  # the warm-up steps' peak (the step memory is reset below)
+    reset_peak_memory()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return args.steps * args.batch_size * args.crop_seconds / elapsed, peak_memory_gb()
+    step_peak = memory_gb("VmHWM")
+    return {
+        "audio_seconds_per_second": args.steps * args.batch_size * args.crop_seconds / elapsed,
+        "peak_memory_gb": max(peak, step_peak) - before_model,
+        "step_memory_gb": step_peak - before_steps,
+    }
+
+
+def interleaved_speeds(config_dir: Path, args) -> dict:
+    """Audio seconds per second of the standard and the hourglass step, taken in turns in one process:
+    both see the same machine, however busy its other jobs keep it."""
+    steps = {
+        "standard": training_step(config_dir, args)[0],
+        "hourglass": training_step(config_dir, args, args.hourglass)[0],
+    }
+    seconds = dict.fromkeys(steps, 0.0)
+    for index in range(args.warmup_steps + args.steps):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if index >= args.warmup_steps:
+                seconds[variant] += time.perf_counter() - start
+    return {variant: args.steps * args.batch_size * args.crop_seconds / s for variant, s in seconds.items()}
 
 
 def loop_speed(config_dir: Path, manifest: Path, workdir: Path, args) -> tuple[float, float]:
@@ -184,8 +251,17 @@ def main() -> None:
         "--peak_tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense bf16/fp16: 989)"
     )
     parser.add_argument("--skip_loop", action="store_true", help="bare step only (e.g. for memory figures)")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed bare steps first")
+    parser.add_argument(
+        "--hourglass", help="also the Hourglass encoder with this shape, e.g. '[2,(8,4),2]': speedup and memory ratio"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --hourglass: standard/hourglass runs each")
+    parser.add_argument("--measure", choices=["standard", "hourglass"], help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
 
+    if args.hourglass and not args.measure:
+        compare_hourglass(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config_dir = model_folder(args.config, workdir)
@@ -196,8 +272,15 @@ def main() -> None:
             f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
             f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device}"
         )
-        bare, bare_memory = bare_step_speed(config_dir, args)
-        print(f"bare step:  {bare:10.1f} audio-s/s   peak memory {bare_memory:.2f} GB")
+        bare_result = bare_step_speed(config_dir, args, args.hourglass if args.measure == "hourglass" else None)
+        if args.measure:
+            print(json.dumps(bare_result))
+            return
+        bare = bare_result["audio_seconds_per_second"]
+        print(
+            f"bare step:  {bare:10.1f} audio-s/s   peak memory {bare_result['peak_memory_gb']:.2f} GB "
+            f"(step {bare_result['step_memory_gb']:.2f} GB)"
+        )
         if not args.skip_loop:
             manifest = Path(args.manifest) if args.manifest else synthetic_manifest(workdir)
             loop, loop_memory = loop_speed(config_dir, manifest, workdir, args)
@@ -213,6 +296,52 @@ def main() -> None:
                 f"MFU: {best * flops / (args.peak_tflops * 1e12) * 100:.1f} % ({flops / 1e9:.1f} GFLOP per audio second)"
             )
         print(f"audio-s/s: {loop if not args.skip_loop else bare:.1f}")
+
+
+# glibc keeps freed blocks for reuse, so a CPU process's resident set lags what it holds: with every
+# block above 64 KB mapped and unmapped on its own, the peak resident set is the peak of the tensors.
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def compare_hourglass(args) -> dict:
+    """Memory: each encoder in fresh processes (--rounds each, alternately; the least peak counts).
+    Speed: both in this process, a step of one then a step of the other."""
+    child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--steps", "1"]
+    runs = {"standard": [], "hourglass": []}
+    for round_index in range(args.rounds):
+        for variant in runs:
+            result = subprocess.run([*child, "--measure", variant], capture_output=True, text=True, env=MALLOC_ENV)
+            if result.returncode != 0:
+                raise SystemExit(f"{variant} run failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+            runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            run = runs[variant][-1]
+            print(
+                f"round {round_index + 1} {variant:9s} peak memory {run['peak_memory_gb']:.3f} GB "
+                f"(step {run['step_memory_gb']:.3f} GB)",
+                flush=True,
+            )
+    peak = {variant: min(r["peak_memory_gb"] for r in rs) for variant, rs in runs.items()}
+    step = {variant: min(r["step_memory_gb"] for r in rs) for variant, rs in runs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        speed = interleaved_speeds(model_folder(args.config, Path(tmp)), args)
+    summary = {
+        "speedup": speed["hourglass"] / speed["standard"],
+        "memory_ratio": peak["hourglass"] / peak["standard"],
+        "step_memory_ratio": step["hourglass"] / step["standard"],
+    }
+    print(
+        f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, hourglass {args.hourglass}"
+    )
+    for variant in runs:
+        print(
+            f"{variant}: {speed[variant]:.2f} audio-s/s, peak memory {peak[variant]:.3f} GB, "
+            f"step memory {step[variant]:.3f} GB"
+        )
+    print(f"hourglass speedup: {summary['speedup']:.3f}")
+    print(f"hourglass memory ratio: {summary['memory_ratio']:.3f}")
+    print(f"hourglass step memory ratio: {summary['step_memory_ratio']:.3f}")
+    return summary
 
 
 def _parameter_shapes(config):

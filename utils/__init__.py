@@ -13,6 +13,7 @@ Every script
   numerics           NaN/Inf guards: audio samples, skipped updates and their count, weights, null metrics
   hf_datasets        Hugging Face datasets without torchcodec: load (hub, folders, save_to_disk, streams), undecoded audio
   progress           a progress bar on a terminal, a line every --progress_interval seconds in a log file
+  hourglass          the Hourglass encoder (config field hourglass); which config and model class a folder needs
 pretrain.py
   pretrain_arguments its flags
   crops              CropStream: silence-filtered random crops of long recordings

@@ -128,7 +128,7 @@ Greedy CTC decoding (no language model) on the dev set ({results["dev_set"]}); t
 | Hardware | {hardware} |
 | Software | Python {versions["python"]}, PyTorch {versions["torch"]}, Transformers {versions["transformers"]}, Accelerate {versions["accelerate"]}, soundfile {versions["soundfile"]}, soxr {versions["soxr"]} |
 
-{how_to_use(name)}"""
+{how_to_use(name, getattr(config, "hourglass", None))}"""
 
 
 def dataset_name(name: str) -> str:
@@ -159,8 +159,10 @@ def hub_model_index(results: dict, data_args, output_dir: str) -> str:
 """
 
 
-def how_to_use(name: str) -> str:
+def how_to_use(name: str, hourglass: str | None = None) -> str:
     """The card's last section: transcribe.py, and plain transformers for short utterances."""
+    # An Hourglass encoder is built by the hourglass.py saved with it (utils/hourglass.py).
+    model_class, trust = ("AutoModelForCTC", ", trust_remote_code=True") if hourglass else ("Wav2Vec2ForCTC", "")
     return f"""## How to use
 
 ```bash
@@ -169,9 +171,9 @@ python transcribe.py --model_name_or_path {name} recording.flac other.wav
 
 ```python
 import soundfile as sf, soxr, torch
-from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+from transformers import {model_class}, Wav2Vec2Processor
 
-model = Wav2Vec2ForCTC.from_pretrained("{name}").eval()
+model = {model_class}.from_pretrained("{name}"{trust}).eval()
 processor = Wav2Vec2Processor.from_pretrained("{name}")
 audio, rate = sf.read("utterance.wav", dtype="float32", always_2d=True)
 audio = soxr.resample(audio.mean(axis=1), rate, 16000)

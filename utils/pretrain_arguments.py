@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import yaml
 
+from utils.hourglass import with_encoder
 from utils.manifests import DEFAULT_PARTICIPANT_REGEX
 from utils.objective import family_recipe
 from utils.training import TrainingArguments
@@ -31,7 +32,10 @@ class ModelArguments:
         metadata={"help": "Config folder to train from scratch (random init); overrides model_name_or_path."},
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'."}
+        default=None,
+        metadata={
+            "help": "Comma list of config changes, e.g. 'layerdrop=0.05,hidden_dropout=0.1'; 'hourglass=[2,(8,4),2]' makes the encoder an Hourglass (README)."
+        },
     )
     feature_grad_mult: str = field(
         default=AUTO,
@@ -131,12 +135,16 @@ class Arguments(NamedTuple):
     training: TrainingArguments
 
 
-def apply_config_overrides(config, overrides: str | None) -> None:
-    """'key=value,...': each value read as YAML, cast to the field's type where both are numbers."""
-    for item in filter(None, (s.strip() for s in (overrides or "").split(","))):
+def apply_config_overrides(config, overrides: str | None):
+    """'key=value,...': each value read as YAML, cast to the field's type where both are numbers.
+    Returns the config, an hourglass one if `hourglass=[2,(8,4),2]` is among them (utils.hourglass)."""
+    for item in split_overrides(overrides or ""):
         key, _, value = item.partition("=")
-        if not hasattr(config, key):
+        if not hasattr(config, key) and key != "hourglass":
             raise SystemExit(f"error: --config_overrides: the model config has no field {key!r}")
+        if key == "hourglass":  # as written: YAML would read '[2,(8,4),2]' as a list of strings
+            setattr(config, key, value.strip())
+            continue
         old, new = getattr(config, key), yaml.safe_load(value)  # 0.1 -> float, false -> bool, null -> None
         setattr(
             config,
@@ -145,6 +153,21 @@ def apply_config_overrides(config, overrides: str | None) -> None:
             if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float))
             else new,
         )
+    try:
+        return with_encoder(config)
+    except ValueError as error:
+        raise SystemExit(f"error: --config_overrides: {error}") from None
+
+
+def split_overrides(overrides: str) -> list[str]:
+    """The comma list split at the commas outside brackets: 'hourglass=[2,(8,4),2],layerdrop=0.05' is two."""
+    items, depth, start = [], 0, 0
+    for position, char in enumerate(overrides + ","):
+        depth += (char in "[(") - (char in "])")
+        if char == "," and depth == 0:
+            items.append(overrides[start:position].strip())
+            start = position + 1
+    return [item for item in items if item]
 
 
 # The objective flags whose right value depends on the model family (utils.objective.FAMILY_RECIPES).

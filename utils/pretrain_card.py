@@ -161,17 +161,20 @@ a statistic of each batch, so the two are not the same figure).
 
 ![loss curve](loss_curve.png)
 
-""" + how_to_use(card_model_name(train_args), config.hidden_size)
+""" + how_to_use(card_model_name(train_args), config.hidden_size, getattr(config, "hourglass", None))
 
 
-def how_to_use(name: str, hidden_size: int) -> str:
+def how_to_use(name: str, hidden_size: int, hourglass: str | None = None) -> str:
+    # An Hourglass encoder (utils/hourglass.py) is built by the hourglass.py saved with it: Wav2Vec2Model would
+    # quietly build the standard encoder instead.
+    model_class, trust = ("AutoModel", ", trust_remote_code=True") if hourglass else ("Wav2Vec2Model", "")
     return f"""## How to use
 
 ```python
 import soundfile as sf, soxr, torch
-from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import {"AutoModel, Wav2Vec2FeatureExtractor" if hourglass else "Wav2Vec2FeatureExtractor, Wav2Vec2Model"}
 
-model = Wav2Vec2Model.from_pretrained("{name}")
+model = {model_class}.from_pretrained("{name}"{trust})
 feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained("{name}")
 audio, rate = sf.read("recording.wav", dtype="float32", always_2d=True)
 audio = soxr.resample(audio.mean(axis=1), rate, 16000)
