@@ -10,29 +10,14 @@ import shutil
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
+from utils.cards import HUB_FILES
+
 logger = logging.getLogger(__name__)
 
 # What pretrain.py and finetune_ctc.py write in OUTPUT_DIR: a folder holding any of them holds a run,
-# and --overwrite_output_dir removes exactly these (a user's other files stay).
-RUN_FILES = {
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.json",
-    "README.md",
-    "loss_curve.png",
-    "train_log.jsonl",
-    "training_args.json",
-    "eval_results.json",
-    "unreadable_files.txt",
-}
+# and --overwrite_output_dir removes exactly these (a user's other files stay): what a push uploads,
+# the weights, and what stays local.
+RUN_FILES = HUB_FILES | {"model.safetensors", "pytorch_model.bin", "training_args.json", "unreadable_files.txt"}
 # checkpoints, the split that was used, the kept model while training, and the TensorBoard projects.
 RUN_FOLDERS = {"checkpoints", "manifests", "best", ".final", ".tmp-best", ".tmp-.final", "pretrain", "finetune_ctc"}
 
