@@ -61,6 +61,7 @@ from utils.training import (
     read_jsonl,
     start_train_log,
 )
+from utils.training_health import HealthMonitor
 
 logger = logging.getLogger("pretrain")
 
@@ -317,11 +318,12 @@ def make_optimizer(model, train_args: TrainingArguments):
 @dataclass
 class LoopState:
     """Where the run stands: its last applied update, the unreadable files met (by this process, or by
-    all once gathered), and the updates skipped for non-finite numbers."""
+    all once gathered), the updates skipped for non-finite numbers, and its training health."""
 
     step: int = 0
     unreadable: set[str] = field(default_factory=set)
     guard: UpdateGuard = field(default_factory=UpdateGuard)
+    health: HealthMonitor | None = None
 
 
 def resume(
@@ -416,11 +418,15 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             record, state.unreadable = train_row(
                 accelerator, window, step, temperature, lr, grad_norm, epoch, state.unreadable, state.guard.skipped
             )
+            state.health.observe(record)  # the same rows on every process: a warning puts `health` in the row
             if accelerator.is_main_process:
                 append_jsonl(log_path, record)
-            accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
             progress.set_postfix(
-                loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", skipped=record["skipped_files"]
+                loss=f"{record['loss']:.3f}",
+                lr=f"{record['lr']:.2e}",
+                skipped=record["skipped_files"],
+                health=",".join(state.health.warned) or "ok",
             )
             window.reset()
 
@@ -433,10 +439,12 @@ def train(accelerator, model, optimizer, scheduler, data, cnn_output, gumbel_sta
             logger.info(describe_dev_row(record))
 
         preempted = stop.agreed(accelerator)
-        if (train_args.save_steps and step % train_args.save_steps == 0) or preempted:
+        if (train_args.save_steps and step % train_args.save_steps == 0) or preempted or state.health.stop:
             state.unreadable = gather_unreadable(accelerator, state.unreadable)
             checkpoint_state = {**position, "unreadable": sorted(state.unreadable), **state.guard.counts()}
             save_checkpoint(accelerator, (model, optimizer, scheduler), output_dir, step, checkpoint_state, train_args)
+        if state.health.stop:  # --stop_on_collapse: ends the loop as the guard's stop does, no final model
+            state.guard.message = state.health.error(output_dir)
         if preempted:
             logger.warning("SIGTERM: saved a checkpoint at step %d; resume with --resume_from_checkpoint latest", step)
             return True
@@ -492,6 +500,8 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     state = resume(accelerator, (model, optimizer, scheduler), output_dir, train_args, data.train)
     log_path = start_train_log(accelerator, output_dir, state.step, args._asdict(), trackers, "pretrain")
+    accelerator.wait_for_everyone()  # the log is cut back to the checkpoint's step before any process reads it
+    state.health = HealthMonitor(args, config, read_jsonl(log_path), accelerator.is_main_process)
 
     stop = StopSignal()
     preempted = train(

@@ -20,6 +20,7 @@ pretrain.py
   dataset_recordings the recordings of a Hugging Face dataset as manifest rows, read in place
   objective          masks and negatives per crop, feature penalty, contrastive accuracy, Gumbel schedule
   pretrain_log       the train-log rows
+  training_health    warnings (or a stop) when a run is not learning: loss at chance, collapsed features or codes
   pretrain_card      the loss curve and the model card
 finetune_ctc.py, transcribe.py
   ctc_arguments      its flags

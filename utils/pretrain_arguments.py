@@ -1,6 +1,7 @@
 """The flags of pretrain.py: model (checkpoint or config, config overrides, feature-encoder
 gradients), data (manifests or a folder to scan, crops), objective (masks, negatives, loss weights,
-Gumbel schedule), and the shared training-loop flags. A YAML recipe may set any of them (utils.training).
+Gumbel schedule, training health), and the shared training-loop flags. A YAML recipe may set any of
+them (utils.training).
 apply_config_overrides is what --config_overrides does to the model config; resolve_objective_defaults
 turns the 'auto' objective flags into the values of the model's family."""
 
@@ -122,6 +123,18 @@ class ObjectiveArguments:
         default=AUTO,
         metadata={
             "help": "Schedule step the run starts at; auto: 0 from scratch, else where the model's own pretraining ended (400000 updates for group-norm models, 1000000 for layer-norm ones: temperature at its floor)."
+        },
+    )
+    health_window: int = field(
+        default=500,
+        metadata={
+            "help": "Updates after --warmup_steps over which training health is judged (README): a loss at chance, collapsed CNN features or codes, a vanishing gradient norm give a warning. 500: over twice the ~220 updates the demo's tiny model sits at chance before it learns. 0 turns the checks off."
+        },
+    )
+    stop_on_collapse: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop when training health finds collapsed CNN features or codes or a vanished gradient: a checkpoint, no final model, exit status 1 (a loss at chance alone only warns)."
         },
     )
 

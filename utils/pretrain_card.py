@@ -13,6 +13,7 @@ from utils.cards import (
     public_name,
     software_versions,
 )
+from utils.training_health import health_section
 
 
 def plot_losses(log: list[dict], path: Path) -> None:
@@ -160,7 +161,7 @@ diversity term of the soft code distribution over all dev masked frames at once 
 a statistic of each batch, so the two are not the same figure).
 
 ![loss curve](loss_curve.png)
-
+{health_section(log, objective, train_args)}
 """ + how_to_use(card_model_name(train_args), config.hidden_size, getattr(config, "hourglass", None))
 
 

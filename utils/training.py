@@ -110,6 +110,7 @@ ARGUMENT_MINIMUMS = {
     "max_grad_norm": 0,
     "max_consecutive_nonfinite": 1,
     "progress_interval": 0,
+    "health_window": 0,
 }
 
 
