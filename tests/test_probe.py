@@ -223,3 +223,31 @@ def test_metrics_match_scikit_learn_and_intervals_are_paired():
     assert 0 < gain["low"] < gain["value"] < gain["high"]
     chance = chance_scores(truth, truth, 4, seed=0)
     assert chance["uar"] == pytest.approx(0.25, abs=0.01) and chance["accuracy"] == pytest.approx(0.25, abs=0.01)
+
+
+def test_pretrain_probes_the_start_and_final_model_without_changing_training(corpus, tmp_path, tiny_base_dir):
+    from helpers import flags, log_rows
+
+    import pretrain
+    from utils.manifests import prepare_manifests
+
+    prepare_manifests(corpus / "audio", tmp_path / "manifests", dev_fraction=0.0, seed=0)
+    options = dict(
+        config_name=tiny_base_dir, train_manifest=tmp_path / "manifests" / "train.tsv", crop_seconds=1.0,
+        epoch_multiplier=4, per_device_train_batch_size=4, num_negatives=10, learning_rate=2e-3, warmup_steps=1,
+        logging_steps=1, eval_steps=0, save_steps=0, num_workers=0, report_to="none", max_train_steps=3,
+    )  # fmt: skip
+    pretrain.main(flags(**options, output_dir=tmp_path / "plain"))
+    probed = pretrain.main(flags(**options, output_dir=tmp_path / "probed", probe_segments=corpus / "segments.tsv"))
+    losses = [(r["step"], r["loss"], r["grad_norm"]) for r in log_rows(probed)]
+    assert len(losses) == 3 and losses == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in log_rows(tmp_path / "plain")
+    ]
+    results = json.loads((probed / "probes" / "probe_results.json").read_text())
+    assert list(results["models"]) == ["start", "final"] and results["num_train"] + results["num_test"] == 48
+    assert not set(results["train_participants"]) & set(results["test_participants"])
+    card = (probed / "README.md").read_text()
+    assert "## Linear probes" in card and "| layer | start | final |" in card and "final - start" in card
+    assert not any(p in card for p in results["test_participants"] + results["train_participants"])
+    start = results["models"]["start"]["layers"]["0"]["macro_f1"]["value"]
+    assert f"{start:.3f}" in card

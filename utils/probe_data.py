@@ -44,6 +44,7 @@ class ProbeData:
     train_participants: list[str]
     test_participants: list[str]
     skipped: list[dict] = field(default_factory=list)  # {"source", "start", "end", "reason"}
+    seed: int = 0  # of the split; the bootstrap and the probes use it too
 
     def split(self, participants_of_items: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the items in the train and in the test split."""
@@ -181,7 +182,7 @@ def prepare(
     missing = sorted(train_labels - test_labels - {BACKGROUND})
     if missing:
         logger.warning("label(s) %s have no test segment: they are trained on but not scored", missing)
-    return ProbeData(kept, labels, train, test, skipped)
+    return ProbeData(kept, labels, train, test, skipped, seed)
 
 
 def frame_labels(segments: list[Segment], labels: list[str], num_frames: int, stride: int, receptive_field: int):
