@@ -251,3 +251,21 @@ def test_pretrain_probes_the_start_and_final_model_without_changing_training(cor
     assert not any(p in card for p in results["test_participants"] + results["train_participants"])
     start = results["models"]["start"]["layers"]["0"]["macro_f1"]["value"]
     assert f"{start:.3f}" in card
+
+
+def test_hourglass_model_is_probed_on_every_layer(corpus, repo_dir):
+    from utils.hourglass import model_class, read_config
+
+    config = read_config(repo_dir / "configs" / "tiny-wav2vec2-hourglass")  # [1,(2,4),1]: 4 layers
+    torch.manual_seed(0)
+    model_class(config, Wav2Vec2ForPreTraining)(config).save_pretrained(corpus / "hourglass")
+    Wav2Vec2FeatureExtractor.from_pretrained(repo_dir / "configs" / "tiny-wav2vec2-hourglass").save_pretrained(
+        corpus / "hourglass"
+    )
+    results = probe.main(
+        ["--models", str(corpus / "hourglass"), "--segments", str(corpus / "segments.tsv"), "--bootstrap", "50"]
+        + ["--output_dir", str(corpus / "out_hourglass"), "--test_participants", "P04"]
+    )
+    layers = results["models"]["hourglass"]["layers"]
+    assert sorted(layers, key=int) == ["0", "1", "2", "3", "4"]
+    assert max(layer["macro_f1"]["value"] for layer in layers.values()) >= results["chance"]["macro_f1"] + 0.4
