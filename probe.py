@@ -151,7 +151,8 @@ def probe_all(args: argparse.Namespace, data, dev_rows) -> tuple[dict, dict]:
             raise SystemExit(f"error: --models {path} gives other test items than {args.models[0]} (frame geometry?)")
         for failure in result["failures"]:
             logger.warning("%s: skipped %s: %s", name, failure["source"], failure["reason"])
-        models[name] = {"path": path, "dev": dev, "best_layer": result["best_layer"], "layers": result["layers"]}
+        models[name] = {"path": path, "dev": dev, "best_layer": result["best_layer"], "failures": result["failures"]}
+        models[name]["layers"] = result["layers"]
         best = result["layers"][str(result["best_layer"])][HEADLINE]
         logger.info("%s: best layer %d, %s %.3f [%.3f, %.3f]", name, result["best_layer"], HEADLINE, *best.values())
         del model
