@@ -46,6 +46,8 @@ from utils.pretrain_arguments import (
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import DevSums, LogWindow, describe_dev_row, train_row
+from utils.pretrain_probes import probe_final, probe_start, read_probe_segments
+from utils.probe_data import ProbeData
 from utils.processes import StopSignal, end_processes
 from utils.progress import progress_bar
 from utils.run_folder import claim_output_dir
@@ -125,6 +127,7 @@ class PretrainingData:
     train_sources: list[tuple[list[dict], float]]
     train_names: list[str]
     dev_rows: list[dict] | None
+    probes: ProbeData | None = None  # --probe_segments, read and split before training
 
 
 def build_data(args: Arguments, config, feature_extractor, accelerator, output_dir: Path) -> PretrainingData:
@@ -177,7 +180,12 @@ def build_data(args: Arguments, config, feature_extractor, accelerator, output_d
             train_stream.short_files,
             data_args.crop_seconds,
         )
-    return PretrainingData(train_stream, dev_stream, train_sources, train_names, dev_rows)
+    probes = (
+        read_probe_segments(data_args.probe_segments, data_args.participant_regex, train_args.seed)
+        if data_args.probe_segments
+        else None
+    )
+    return PretrainingData(train_stream, dev_stream, train_sources, train_names, dev_rows, probes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +479,8 @@ def save(accelerator, unwrapped, feature_extractor, data, base_model, args, log_
         log = read_jsonl(log_path)
         plot_losses(log, output_dir / "loss_curve.png")
         card = model_card(unwrapped, base_model, data, args, log, accelerator, sorted(unreadable), defaults)
+        if data.probes:
+            card += "\n## Linear probes\n\n" + probe_final(unwrapped, feature_extractor, data.probes, output_dir)
         (output_dir / "README.md").write_text(card)
         if train_args.push_to_hub:
             repo_id = train_args.hub_model_id or output_dir.resolve().name
@@ -500,6 +510,8 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     state = resume(accelerator, (model, optimizer, scheduler), output_dir, train_args, data.train)
     log_path = start_train_log(accelerator, output_dir, state.step, args._asdict(), trackers, "pretrain")
+    if data.probes and state.step == 0 and accelerator.is_main_process:  # the model before its first update
+        probe_start(unwrapped, feature_extractor, data.probes, output_dir)
     accelerator.wait_for_everyone()  # the log is cut back to the checkpoint's step before any process reads it
     state.health = HealthMonitor(args, config, read_jsonl(log_path), accelerator.is_main_process)
 

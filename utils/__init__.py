@@ -38,4 +38,9 @@ extract_features.py
   windows            the frame grid: the windows the model runs on, which frames are kept, batching
   features           the output files (frame features written window by window, pooled sums), index.tsv
   extraction_folder  the lock on the features folder; outputs of other flags refused or removed
+probe.py (and pretrain.py --probe_segments)
+  probe_data         labelled segments (TSV, RTTM), participants, the participant split, frame labels
+  probe_features     every layer's features pooled per segment (or per frame) in memory; dev loss on fixed crops
+  probes             logistic-regression probes per layer; accuracy, macro-F1, UAR, bootstrap intervals, chance
+  probe_report       probe_results.json, probe_report.md, probe_layers.png
 """

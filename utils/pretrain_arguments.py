@@ -95,6 +95,12 @@ class DataArguments:
         default=False, metadata={"help": "Share an epoch's crops out in proportion to file duration instead."}
     )
     dev_crops_per_file: int = field(default=8, metadata={"help": "Fixed dev crops per dev file."})
+    probe_segments: str | None = field(
+        default=None,
+        metadata={
+            "help": "A labelled-segments TSV (path, start, end, label[, participant]; see probe.py): linear probes of the start and the final model on held-out participants, in OUT/probes/ and the model card."
+        },
+    )
 
 
 @dataclass

@@ -19,7 +19,17 @@ logger = logging.getLogger(__name__)
 # the weights, and what stays local.
 RUN_FILES = HUB_FILES | {"model.safetensors", "pytorch_model.bin", "training_args.json", "unreadable_files.txt"}
 # checkpoints, the split that was used, the kept model while training, and the TensorBoard projects.
-RUN_FOLDERS = {"checkpoints", "manifests", "best", ".final", ".tmp-best", ".tmp-.final", "pretrain", "finetune_ctc"}
+RUN_FOLDERS = {
+    "checkpoints",
+    "manifests",
+    "probes",
+    "best",
+    ".final",
+    ".tmp-best",
+    ".tmp-.final",
+    "pretrain",
+    "finetune_ctc",
+}
 
 
 def run_entries(folder: Path) -> list[Path]:
@@ -49,7 +59,15 @@ def script_of_run(folder: Path) -> str | None:
 
 
 # The flags that name files or folders a run reads.
-PATH_FLAG_ENDINGS = ("_manifest", "_or_path", "_dir", "config_name", "dataset_name", "resume_from_checkpoint")
+PATH_FLAG_ENDINGS = (
+    "_manifest",
+    "_segments",
+    "_or_path",
+    "_dir",
+    "config_name",
+    "dataset_name",
+    "resume_from_checkpoint",
+)
 
 
 def input_paths(groups) -> list[tuple[str, Path]]:
