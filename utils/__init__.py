@@ -37,4 +37,6 @@ extract_features.py
   windows            the frame grid: the windows the model runs on, which frames are kept, batching
   features           the output files (frame features written window by window, pooled sums), index.tsv
   extraction_folder  the lock on the features folder; outputs of other flags refused or removed
+experiments/adaptation.py
+  adaptation         S / S+ / T scores over seeds, paired gains with a bootstrap over seeds and segments; report, plot
 """
