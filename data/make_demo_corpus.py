@@ -1,12 +1,22 @@
 """Build a small synthetic corpus that looks like day-long home recordings, offline, in seconds.
 
     python data/make_demo_corpus.py demo_data/audio [--participants 6] [--minutes 3] [--seed 0]
+        [--domain target|source] [--segments_tsv segments.tsv]
 
-Each participant gets one or two recordings of a few minutes: mostly room noise and silence, with
-speech-like voiced stretches in adult and child pitch ranges and household noises (clatter, hum).
+Each participant gets one or two recordings of a few minutes. `--domain target` (the default, the
+home recordings): far-field, mostly room noise and silence, with speech-like voiced stretches in
+adult and child/infant pitch ranges and household noises (clatter, hum), under room reverberation.
+`--domain source`: clean close-talk speech of one adult per participant over about 75 % of the
+time, a faint noise floor, no reverberation and no household events (a read-speech corpus).
 Files rotate through the formats users bring: 16 kHz mono WAV, 44.1 kHz stereo FLAC and 48 kHz
 OGG Vorbis. File names start with the participant id (`P03_rec1.flac`), which the default
 `--participant_regex` of data/prepare_manifest.py picks up. The same seed gives the same files.
+
+`--segments_tsv` also writes what the generator placed where, one row per stretch: path (relative
+to the TSV's folder), start, end (seconds in the written file; the reverberation tail runs ~0.1 s
+past the end), label (`adult`, `child` for child and infant voices, `event` for household noise,
+`silence` for a stretch of room noise drawn from a gap between the others), participant, and kind
+(adult_male, adult_female, child, infant, hum, clatter, silence). It is what probe.py --segments reads.
 
     python data/make_demo_corpus.py --labelled_dir demo_data/labelled [--utterances 600]
 
@@ -19,6 +29,7 @@ the dev speaker is not in train). A tiny model learns it on a CPU in a minute or
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,22 +65,32 @@ def voiced_stretch(rng: np.random.Generator, seconds: float, pitch_range: tuple[
     return np.concatenate(out)[: int(seconds * BASE_RATE)]
 
 
-def household_noise(rng: np.random.Generator, seconds: float) -> np.ndarray:
+def household_noise(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, str]:
     n = int(seconds * BASE_RATE)
     t = np.arange(n) / BASE_RATE
     if rng.random() < 0.5:  # appliance hum
-        return 0.2 * np.sin(2 * np.pi * rng.choice([50, 60]) * t) * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t))
+        return 0.2 * np.sin(2 * np.pi * rng.choice([50, 60]) * t) * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t)), "hum"
     clatter = rng.standard_normal(n) * np.exp(-t * rng.uniform(5, 30))  # a dish, a door
-    return 0.8 * clatter
+    return 0.8 * clatter, "clatter"
 
 
-def recording(rng: np.random.Generator, minutes: float) -> np.ndarray:
-    """Room noise with speech and household events scattered over about 30 % of the time."""
+def audible_length(sound: np.ndarray) -> int:
+    """Samples up to the end of the last 10 ms block louder than 5 % of the loudest block (RMS): a
+    clatter dies away long before its stretch ends, and its segment should end with it."""
+    blocks = np.sqrt(np.mean(np.pad(sound, (0, -len(sound) % 160)).reshape(-1, 160) ** 2, axis=1))
+    loud = np.flatnonzero(blocks > 0.05 * blocks.max()) if len(blocks) else []
+    return min(len(sound), 160 * (int(loud[-1]) + 1)) if len(loud) else 0
+
+
+def recording(rng: np.random.Generator, minutes: float) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """Room noise with speech and household events scattered over about 30 % of the time; returns the
+    audio and the placed stretches (start sample, end sample, kind). The target domain: its random
+    draws must stay as they are, or the same seed stops giving the same files."""
     n = int(minutes * 60 * BASE_RATE)
     brown = np.cumsum(rng.standard_normal(n)) * 1e-4
     brown -= np.convolve(brown, np.ones(801) / 801, mode="same")  # keep the rumble, drop the drift
     audio = brown + rng.standard_normal(n) * 10 ** rng.uniform(-4.0, -3.0)
-    position = int(rng.uniform(0, 10) * BASE_RATE)
+    position, placed = int(rng.uniform(0, 10) * BASE_RATE), []
     while position < n:
         kind = rng.random()
         seconds = rng.uniform(0.5, 6.0)
@@ -77,15 +98,72 @@ def recording(rng: np.random.Generator, minutes: float) -> np.ndarray:
             speaker = rng.choice(list(PITCH_RANGES))
             event = voiced_stretch(rng, seconds, PITCH_RANGES[speaker]) * rng.uniform(0.05, 0.4)
         else:
-            event = household_noise(rng, seconds) * rng.uniform(0.05, 0.3)
+            event, speaker = household_noise(rng, seconds)
+            event = event * rng.uniform(0.05, 0.3)
         end = min(n, position + len(event))
         audio[position:end] += event[: end - position]
+        placed.append((position, position + audible_length(event[: end - position]), str(speaker)))
         position = end + int(rng.exponential(8.0) * BASE_RATE)
     # Reverberation: a short decaying noise tail, as in a furnished room.
     tail = rng.standard_normal(int(0.08 * BASE_RATE)) * np.exp(-np.arange(int(0.08 * BASE_RATE)) / (0.02 * BASE_RATE))
     tail[0] = 1.0
     audio = np.convolve(audio, tail * 0.3, mode="full")[:n]
-    return np.clip(audio / max(1.0, np.abs(audio).max() / 0.9), -1, 1).astype(np.float32)
+    return np.clip(audio / max(1.0, np.abs(audio).max() / 0.9), -1, 1).astype(np.float32), placed
+
+
+def source_recording(rng: np.random.Generator, minutes: float) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """Close-talk read speech: one adult (the participant) speaking over about 75 % of the time, short
+    pauses, a faint microphone noise floor, no room, no household events. Returns audio and placements."""
+    n = int(minutes * 60 * BASE_RATE)
+    speaker = str(rng.choice(["adult_male", "adult_female"]))
+    audio = rng.standard_normal(n) * 10 ** rng.uniform(-4.5, -3.5)
+    position, placed = int(rng.uniform(0.2, 1.0) * BASE_RATE), []
+    while position < n:
+        stretch = voiced_stretch(rng, rng.uniform(1.5, 6.0), PITCH_RANGES[speaker]) * rng.uniform(0.3, 0.6)
+        end = min(n, position + len(stretch))
+        audio[position:end] += stretch[: end - position]
+        placed.append((position, position + audible_length(stretch[: end - position]), speaker))
+        position = end + int((0.2 + rng.exponential(0.8)) * BASE_RATE)
+    return np.clip(audio / max(1.0, np.abs(audio).max() / 0.9), -1, 1).astype(np.float32), placed
+
+
+DOMAINS = {"target": recording, "source": source_recording}
+LABELS = {"adult_male": "adult", "adult_female": "adult", "child": "child", "infant": "child"}
+LABELS |= {"hum": "event", "clatter": "event", "silence": "silence"}
+SEGMENT_COLUMNS = ["path", "start", "end", "label", "participant", "kind"]
+# Room noise just after a stretch still holds its reverberation tail (80 ms); a silence stretch keeps clear.
+SILENCE_MARGIN = 0.15
+MIN_SEGMENT_SECONDS = 0.2
+
+
+def silence_stretches(rng: np.random.Generator, placed: list, n: int) -> list[tuple[int, int, str]]:
+    """One stretch of 0.5-4 s of room noise (no placed sound) inside each gap long enough to hold it."""
+    margin, out = int(SILENCE_MARGIN * BASE_RATE), []
+    edges = [(-margin, -margin)] + sorted(placed) + [(n + margin, n + margin)]
+    for (_, gap_start, *_), (gap_end, *_) in zip(edges[:-1], edges[1:]):
+        first, last = gap_start + margin, gap_end - margin
+        if last - first < 0.5 * BASE_RATE:
+            continue
+        length = int(rng.uniform(0.5, min(4.0, (last - first) / BASE_RATE)) * BASE_RATE)
+        start = int(rng.integers(first, last - length + 1))
+        out.append((start, start + length, "silence"))
+    return out
+
+
+def segment_rows(path: Path, tsv_dir: Path, participant: str, stretches: list) -> list[dict]:
+    relative = os.path.relpath(path.resolve(), tsv_dir.resolve())
+    return [
+        {
+            "path": relative,
+            "start": f"{start / BASE_RATE:.3f}",
+            "end": f"{end / BASE_RATE:.3f}",
+            "label": LABELS[kind],
+            "participant": participant,
+            "kind": kind,
+        }
+        for start, end, kind in sorted(stretches)
+        if end - start >= MIN_SEGMENT_SECONDS * BASE_RATE
+    ]
 
 
 def write_audio(
@@ -101,19 +179,38 @@ def write_audio(
             f.write(audio[start : start + 32768])
 
 
-def make_corpus(output_dir, participants: int = 6, minutes: float = 3.0, seed: int = 0, formats=FORMATS) -> list[Path]:
-    """Write the corpus; returns the file paths. Durations vary +-30 % around `minutes`."""
+def make_corpus(
+    output_dir,
+    participants: int = 6,
+    minutes: float = 3.0,
+    seed: int = 0,
+    formats=FORMATS,
+    domain: str = "target",
+    segments_tsv=None,
+) -> list[Path]:
+    """Write the corpus (and with `segments_tsv`, its segments); returns the file paths. Durations
+    vary +-30 % around `minutes`."""
+    if domain not in DOMAINS:
+        raise ValueError(f"--domain must be one of {sorted(DOMAINS)}, not {domain!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths, file_number = [], 0
+    # Silence stretches are drawn from a generator of their own so the audio does not depend on them.
+    silence_rng = np.random.default_rng([seed, 1])
+    tsv_dir = Path(segments_tsv).parent if segments_tsv else output_dir
+    paths, file_number, rows = [], 0, []
     for p in range(1, participants + 1):
         for r in range(1, 1 + int(rng.integers(1, 3))):
             extension, sample_rate, channels, subtype = formats[file_number % len(formats)]
             file_number += 1
             path = output_dir / f"P{p:02d}_rec{r}.{extension}"
-            write_audio(path, recording(rng, minutes * rng.uniform(0.7, 1.3)), sample_rate, channels, subtype, rng)
+            audio, placed = DOMAINS[domain](rng, minutes * rng.uniform(0.7, 1.3))
+            write_audio(path, audio, sample_rate, channels, subtype, rng)
             paths.append(path)
+            stretches = placed + silence_stretches(silence_rng, placed, len(audio))
+            rows += segment_rows(path, tsv_dir, f"P{p:02d}", stretches)
+    if segments_tsv:
+        write_tsv(segments_tsv, rows, SEGMENT_COLUMNS)
     return paths
 
 
@@ -245,12 +342,27 @@ def main() -> None:
     parser.add_argument("--labelled_dir", help="also (or only) write the labelled set for finetune_ctc.py here")
     parser.add_argument("--utterances", type=int, default=600, help="utterances in the labelled set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="target", help="home recordings or clean speech")
+    parser.add_argument("--segments_tsv", help="also write the placed segments (adult, child, event, silence) here")
     args = parser.parse_args()
     if not args.output_dir and not args.labelled_dir:
         parser.error("give an output_dir (unlabelled recordings), --labelled_dir (labelled set), or both")
+    if args.segments_tsv and not args.output_dir:
+        parser.error("--segments_tsv describes the recordings of output_dir: give an output_dir")
     if args.output_dir:
-        paths = make_corpus(args.output_dir, args.participants, args.minutes, args.seed)
-        print(f"wrote {len(paths)} recordings of {args.participants} participants to {args.output_dir}")
+        paths = make_corpus(
+            args.output_dir,
+            args.participants,
+            args.minutes,
+            args.seed,
+            domain=args.domain,
+            segments_tsv=args.segments_tsv,
+        )
+        print(
+            f"wrote {len(paths)} {args.domain}-domain recordings of {args.participants} participants to {args.output_dir}"
+        )
+        if args.segments_tsv:
+            print(f"wrote their segments to {args.segments_tsv}")
     if args.labelled_dir:
         counts = make_labelled_set(args.labelled_dir, args.utterances, args.seed)
         print(

@@ -1,5 +1,6 @@
 """utils/manifests.py and data/prepare_manifest.py: scan, validation, participant split, CLI."""
 
+import hashlib
 import json
 import os
 
@@ -325,3 +326,94 @@ def test_demo_corpus_is_deterministic_rotates_formats_and_scans_clean(tmp_path):
     valid, invalid = scan_audio_folder(tmp_path / "a")
     assert invalid == [] and len(valid) == len(first)
     assert {r["participant"] for r in valid} == {"P01", "P02", "P03"}
+
+
+# Decoded 16-bit samples of make_corpus(participants=3, minutes=0.15, seed=3), recorded from the code
+# before --domain and --segments_tsv existed: the target domain must keep giving the same files.
+# (WAV and FLAC only: a Vorbis stream differs run to run by its serial number and is lossy; its frame
+# count is checked, and the WAV after it shows the random draws are unchanged.)
+TARGET_CORPUS_MD5 = {
+    "P01_rec1.wav": "5fe4548b12aae21cac07d72776fc395b",
+    "P01_rec2.flac": "49b20d8f47f36a85b426ef14a233ff7f",
+    "P03_rec1.wav": "37aaa9b57b849299d5b937f78442af0a",
+}
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_target_domain_gives_the_files_it_gave_before(tmp_path, segments):
+    tsv = tmp_path / "segments.tsv" if segments else None
+    paths = make_corpus(tmp_path / "audio", participants=3, minutes=0.15, seed=3, segments_tsv=tsv)
+    assert [p.name for p in paths] == ["P01_rec1.wav", "P01_rec2.flac", "P02_rec1.ogg", "P03_rec1.wav"]
+    for path in paths:
+        samples = sf.read(str(path), dtype="int16")[0]
+        if path.name in TARGET_CORPUS_MD5:
+            assert hashlib.md5(samples.tobytes()).hexdigest() == TARGET_CORPUS_MD5[path.name], path.name
+    assert sf.info(str(paths[2])).frames == 319626
+    if segments:
+        rows = read_tsv(tsv, ["path", "start", "end", "label", "participant", "kind"])
+        assert {r["participant"] for r in rows} == {"P01", "P02", "P03"}
+        assert {os.path.basename(r["path"]) for r in rows} <= {p.name for p in paths}
+
+
+def f0_by_cepstrum(x: np.ndarray, n: int = 1024) -> float:
+    """Median pitch (Hz, 70-700) of the louder 64 ms frames: the cepstral peak, as the harmonics' spacing."""
+    rms, found = np.sqrt(np.mean(x**2)), []
+    for start in range(0, len(x) - n, n // 2):
+        frame = x[start : start + n]
+        if np.sqrt(np.mean(frame**2)) >= rms:
+            cepstrum = np.fft.irfft(np.log(np.abs(np.fft.rfft(frame * np.hanning(n))) + 1e-9))
+            found.append(16000 / (22 + np.argmax(cepstrum[22:228])))
+    return float(np.median(found)) if found else float("nan")
+
+
+def demo_segments(tmp_path, domain):
+    tsv = tmp_path / f"{domain}.tsv"
+    formats = [("wav", 16000, 1, "PCM_16")]
+    make_corpus(
+        tmp_path / domain, participants=2, minutes=1.0, seed=5, formats=formats, domain=domain, segments_tsv=tsv
+    )
+    rows = read_tsv(tsv, ["path", "start", "end", "label", "participant", "kind"])
+    audio = {path: sf.read(path)[0] for path in {r["path"] for r in rows}}
+    for r in rows:
+        assert r["participant"] == os.path.basename(r["path"])[:3]
+        r["audio"] = audio[r["path"]][int(float(r["start"]) * 16000) : int(float(r["end"]) * 16000)]
+    return rows, audio
+
+
+def test_segments_are_where_the_generator_put_the_sounds(tmp_path):
+    rows, _ = demo_segments(tmp_path, "target")
+    rms = {
+        label: [np.sqrt(np.mean(r["audio"] ** 2)) for r in rows if r["label"] == label]
+        for label in {"adult", "child", "event", "silence"}
+    }
+    assert all(len(values) >= 3 for values in rms.values()), {k: len(v) for k, v in rms.items()}
+    quiet = np.median(rms["silence"])
+    for label in ("adult", "child", "event"):
+        assert np.median(rms[label]) > 10 * quiet and min(rms[label]) > quiet, (label, rms[label], quiet)
+    # Every placed sound is labelled, none overlaps another, and none overlaps a silence stretch.
+    for path in {r["path"] for r in rows}:
+        spans = sorted((float(r["start"]), float(r["end"])) for r in rows if r["path"] == path)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    f0 = {label: [f0_by_cepstrum(r["audio"]) for r in rows if r["label"] == label] for label in ("adult", "child")}
+    assert np.median(f0["adult"]) < 250 < np.median(f0["child"]), f0
+    assert {r["kind"] for r in rows if r["label"] == "child"} <= {"child", "infant"}
+
+
+def test_source_domain_is_clean_adult_speech_most_of_the_time(tmp_path):
+    shares = {}
+    for domain in ("source", "target"):
+        rows, audio = demo_segments(tmp_path, domain)
+        total = sum(len(a) for a in audio.values()) / 16000
+        voiced = sum(float(r["end"]) - float(r["start"]) for r in rows if r["label"] in ("adult", "child"))
+        blocks = np.concatenate(
+            [np.sqrt(np.mean(a[: len(a) // 1600 * 1600].reshape(-1, 1600) ** 2, axis=1)) for a in audio.values()]
+        )
+        shares[domain] = {
+            "labels": {r["label"] for r in rows},
+            "voiced": voiced / total,
+            "quiet": np.mean(blocks < 0.005),
+        }
+    source, target = shares["source"], shares["target"]
+    assert source["labels"] == {"adult", "silence"} and target["labels"] == {"adult", "child", "event", "silence"}
+    assert source["voiced"] > 0.65 and target["voiced"] < 0.4, shares
+    assert source["quiet"] < 0.4 and target["quiet"] > 0.7, shares

@@ -43,4 +43,6 @@ probe.py (and pretrain.py --probe_segments)
   probe_features     every layer's features pooled per segment (or per frame) in memory; dev loss on fixed crops
   probes             logistic-regression probes per layer; accuracy, macro-F1, UAR, bootstrap intervals, chance
   probe_report       probe_results.json, probe_report.md, probe_layers.png
+experiments/adaptation.py
+  adaptation         S / S+ / T scores over seeds, paired gains with a bootstrap over seeds and segments; report, plot
 """
