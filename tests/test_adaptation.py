@@ -8,8 +8,9 @@ import pytest
 from helpers import run_script
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from utils.adaptation import read_seed_results, scores, summarize
+from utils.adaptation import read_seed_results, summarize
 from utils.manifests import MANIFEST_COLUMNS, write_tsv
+from utils.probes import scores
 
 LABELS = ["adult", "child", "event", "silence"]
 TRUTH = [0, 0, 1, 1, 2, 2, 3, 3]

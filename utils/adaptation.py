@@ -11,22 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.probes import scores
+
 METRICS = ("macro_f1", "uar")
 METRIC_NAMES = {"macro_f1": "macro-F1", "uar": "UAR"}
 GAINS = (("T", "S+"), ("T", "S"), ("S+", "S"))
-
-
-def scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Macro-F1 and UAR over the classes present in `truth` (as probe.py counts them), and accuracy."""
-    confusion = np.bincount(truth * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, -1)
-    correct, true_counts, predicted_counts = np.diag(confusion), confusion.sum(1), confusion.sum(0)
-    present = true_counts > 0
-    recall = correct[present] / true_counts[present]
-    precision = np.divide(
-        correct[present], predicted_counts[present], out=np.zeros(present.sum()), where=predicted_counts[present] > 0
-    )
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(recall), where=precision + recall > 0)
-    return {"accuracy": float(correct.sum() / len(truth)), "macro_f1": float(f1.mean()), "uar": float(recall.mean())}
 
 
 def read_seed_results(paths: list) -> list[dict]:
