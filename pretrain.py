@@ -46,7 +46,7 @@ from utils.pretrain_arguments import (
 )
 from utils.pretrain_card import model_card, plot_losses
 from utils.pretrain_log import DevSums, LogWindow, describe_dev_row, train_row
-from utils.pretrain_probes import probe_final, probe_start, read_probe_segments
+from utils.pretrain_probes import PROBE_WAIT_MINUTES, probe_final, probe_start, read_probe_segments
 from utils.probe_data import ProbeData
 from utils.processes import StopSignal, end_processes
 from utils.progress import progress_bar
@@ -496,7 +496,9 @@ def main(argv=None):
 
     config = load_config(model_args, args.objective)
     objective_defaults = resolve_objective_defaults(model_args, args.objective, config)  # logged, and in the card
-    accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop)
+    # --probe_segments: the other processes wait while the main one probes the start model.
+    wait = PROBE_WAIT_MINUTES if args.data.probe_segments else 0
+    accelerator, trackers = make_accelerator(train_args, output_dir, config.layerdrop, wait)
     claim_output_dir(accelerator, "pretrain.py", args)  # never write over another run
     set_seed(train_args.seed)
     feature_extractor = load_feature_extractor(model_args.config_name or model_args.model_name_or_path)

@@ -269,3 +269,33 @@ def test_hourglass_model_is_probed_on_every_layer(corpus, repo_dir):
     layers = results["models"]["hourglass"]["layers"]
     assert sorted(layers, key=int) == ["0", "1", "2", "3", "4"]
     assert max(layer["macro_f1"]["value"] for layer in layers.values()) >= results["chance"]["macro_f1"] + 0.4
+
+
+@pytest.mark.slow
+def test_pretrain_probes_under_two_processes(corpus, tmp_path, tiny_base_dir):
+    """Only the main process probes; the other waits for it (a longer process-group timeout) and trains on."""
+    import sys
+
+    from helpers import flags, log_rows, run_script
+
+    from utils.manifests import prepare_manifests
+
+    prepare_manifests(corpus / "audio", tmp_path / "manifests", dev_fraction=0.0, seed=0)
+    out = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    options = dict(
+        config_name=tiny_base_dir, train_manifest=tmp_path / "manifests" / "train.tsv", crop_seconds=1.0,
+        epoch_multiplier=4, per_device_train_batch_size=2, num_negatives=10, learning_rate=2e-3, warmup_steps=1,
+        logging_steps=1, eval_steps=0, save_steps=0, num_workers=0, report_to="none", max_train_steps=2,
+        output_dir=out, probe_segments=corpus / "segments.tsv",
+    )  # fmt: skip
+    run_script(
+        "pretrain.py",
+        *flags(**options),
+        env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
+    results = json.loads((out / "probes" / "probe_results.json").read_text())
+    assert list(results["models"]) == ["start", "final"]
+    assert "| layer | start | final |" in (out / "README.md").read_text()

@@ -20,6 +20,8 @@ from utils.probes import Bootstrap, chance_scores
 logger = logging.getLogger(__name__)
 
 START, FINAL = "start", "final"
+# How long the other processes of a multi-process run may wait while the main one probes a model.
+PROBE_WAIT_MINUTES = 120
 # Without a participant list: this share of the segments' participants is held out, by the run's seed.
 TEST_FRACTION = 0.3
 

@@ -212,10 +212,14 @@ def gather_unreadable(accelerator, local: set[str]) -> set[str]:
     return set().union(*gather_object([sorted(local)]))
 
 
-def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop: float):
-    """The Accelerator both training scripts use, and the trackers named by --report_to."""
+def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop: float, wait_minutes: float = 0):
+    """The Accelerator both training scripts use, and the trackers named by --report_to. `wait_minutes`:
+    how long processes may wait for the main one at a barrier, when it does long work alone (0: torch's
+    default, 10 minutes for NCCL)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
 
     trackers = [t for t in train_args.report_to.split(",") if t and t != "none"]
     accelerator = Accelerator(
@@ -223,7 +227,8 @@ def make_accelerator(train_args: TrainingArguments, output_dir: Path, layerdrop:
         log_with=trackers or None,
         project_dir=str(output_dir),
         # LayerDrop skips whole layers, whose parameters then get no gradient in that step.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=layerdrop > 0)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=layerdrop > 0)]
+        + ([InitProcessGroupKwargs(timeout=timedelta(minutes=wait_minutes))] if wait_minutes else []),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if train_args.torch_compile else None,
     )
     if accelerator.is_main_process:
