@@ -299,3 +299,10 @@ def test_pretrain_probes_under_two_processes(corpus, tmp_path, tiny_base_dir):
     results = json.loads((out / "probes" / "probe_results.json").read_text())
     assert list(results["models"]) == ["start", "final"]
     assert "| layer | start | final |" in (out / "README.md").read_text()
+
+
+def test_a_segment_time_that_is_not_a_number_names_the_file_and_line(corpus, tmp_path):
+    rows = [{"path": str(corpus / "audio" / "P01_rec.wav"), "start": "1.0", "end": "abc", "label": "tone"}]
+    write_tsv(tmp_path / "bad.tsv", [row | {"participant": "P01"} for row in rows], [*rows[0], "participant"])
+    with pytest.raises(SystemExit, match=r"bad.tsv line 2: start/end '1.0', 'abc' are not numbers"):
+        run(corpus, tmp_path / "o", segments=[str(tmp_path / "bad.tsv")])

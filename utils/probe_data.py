@@ -73,15 +73,15 @@ def read_labelled_segments(paths: list[str], audio_dir: str | None, participant_
             stem = Path(source).stem
             by_stem[stem] = None if stem in by_stem else source  # None: the id names several files
     participants = {}
+    parsed = {path: read_segments(path) for path in paths}  # checks the times first, naming file and line
     if not all(rttm):  # the TSV's own participant column, when it has one
         for row in read_tsv(paths[0], ["path", "start", "end", "label"]):
             if row.get("participant"):
-                participants[(os.path.abspath(row["path"]), float(row["start"]), float(row["end"]))] = row[
-                    "participant"
-                ]
+                key = (os.path.abspath(row["path"]), float(row["start"]), float(row["end"]))
+                participants[key] = row["participant"]
     segments = []
     for path in paths:
-        for key, start, end, label in read_segments(path):
+        for key, start, end, label in parsed[path]:
             if not label:
                 raise ValueError(f"--segments {path}: a segment of {key} at {start:g} s has no label")
             source = key
