@@ -306,3 +306,15 @@ def test_a_segment_time_that_is_not_a_number_names_the_file_and_line(corpus, tmp
     write_tsv(tmp_path / "bad.tsv", [row | {"participant": "P01"} for row in rows], [*rows[0], "participant"])
     with pytest.raises(SystemExit, match=r"bad.tsv line 2: start/end '1.0', 'abc' are not numbers"):
         run(corpus, tmp_path / "o", segments=[str(tmp_path / "bad.tsv")])
+
+
+def test_a_final_probe_that_fails_leaves_the_saved_run_alone(tmp_path, monkeypatch, caplog):
+    import utils.pretrain_probes as pretrain_probes
+
+    def unreadable(*args):
+        raise ValueError("no readable test item is left (3 failure(s))")
+
+    monkeypatch.setattr(pretrain_probes, "probe_in_place", unreadable)
+    section = pretrain_probes.probe_final(None, None, None, tmp_path)
+    assert section == "The final model could not be probed (the training log says why).\n"
+    assert "no readable test item" in caplog.text and not (tmp_path / "probes").exists()

@@ -85,7 +85,11 @@ def probe_final(model, feature_extractor, data: ProbeData, output_dir: Path) -> 
     """Probe the final model, write OUT/probes/probe_{results.json,report.md,layers.png} with the start
     model's results next to it, and return the tables for the model card."""
     probes_dir = output_dir / "probes"
-    final = as_json(probe_in_place(model, feature_extractor, data))
+    try:  # the model is saved already: a probe that fails now must not fail the run
+        final = as_json(probe_in_place(model, feature_extractor, data))
+    except (ValueError, OSError) as error:
+        logger.warning("--probe_segments: the final model could not be probed: %s", error)
+        return "The final model could not be probed (the training log says why).\n"
     seed = data.seed
     models = {}
     start_path = probes_dir / f"{START}.json"
