@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.probes import scores
+from utils.probe_report import show
+from utils.probes import interval, scores
 
 METRICS = ("macro_f1", "uar")
 METRIC_NAMES = {"macro_f1": "macro-F1", "uar": "UAR"}
@@ -67,11 +68,6 @@ def figures_of(truth: np.ndarray, predictions: np.ndarray, num_classes: int, see
                 found = scores(truth, predictions[m, layer, s], num_classes)
                 out[m, layer] += [found[metric] for metric in METRICS]
     return out / len(seeds)
-
-
-def interval(value: float, draws: np.ndarray) -> dict:
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {"value": float(value), "low": float(low), "high": float(high)}
 
 
 def summarize(results: list[dict], names=("S", "S+", "T"), resamples: int = 1000, seed: int = 0) -> dict:
@@ -153,11 +149,6 @@ def gain(point: np.ndarray, draws: np.ndarray, a: int, b: int, layers: list[int]
             for k, metric in enumerate(METRICS)
         },
     }
-
-
-def show(figure: dict, signed: bool = False) -> str:
-    number = "{:+.3f}" if signed else "{:.3f}"
-    return f"{number.format(figure['value'])} [{number.format(figure['low'])}, {number.format(figure['high'])}]"
 
 
 def report_tables(summary: dict) -> list[str]:

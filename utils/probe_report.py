@@ -32,8 +32,10 @@ def differences(results: dict, num_classes: int, resamples: Bootstrap) -> dict:
     return out
 
 
-def interval(figure: dict) -> str:
-    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+def show(figure: dict, signed: bool = False) -> str:
+    """'value [low, high]' of a figure with its interval; signed: '+' on positive numbers (a gain)."""
+    number = "{:+.3f}" if signed else "{:.3f}"
+    return f"{number.format(figure['value'])} [{number.format(figure['low'])}, {number.format(figure['high'])}]"
 
 
 def report_tables(results: dict) -> str:
@@ -55,7 +57,7 @@ def report_tables(results: dict) -> str:
     all_layers = sorted({int(k) for name in names for k in results["models"][name]["layers"]})
     for layer in all_layers:
         cells = [
-            interval(results["models"][n]["layers"][str(layer)][HEADLINE])
+            show(results["models"][n]["layers"][str(layer)][HEADLINE])
             if str(layer) in results["models"][n]["layers"]
             else ""
             for n in names
@@ -65,7 +67,7 @@ def report_tables(results: dict) -> str:
     for n in names:
         model = results["models"][n]
         best = model["layers"][str(model["best_layer"])]
-        lines.append(f"| {n} | {model['best_layer']} | " + " | ".join(interval(best[m]) for m in METRICS) + " |")
+        lines.append(f"| {n} | {model['best_layer']} | " + " | ".join(show(best[m]) for m in METRICS) + " |")
     lines += [
         "",
         f"The best layer is the one with the highest test {label}: picked on the test participants, it "
@@ -76,7 +78,7 @@ def report_tables(results: dict) -> str:
         lines += ["| layer | " + " | ".join(f"{n} - {names[0]}" for n in results["differences"]) + " |"]
         lines += ["|---|" + "---|" * len(results["differences"])]
         for layer in all_layers:
-            cells = [interval(d[str(layer)]) if str(layer) in d else "" for d in results["differences"].values()]
+            cells = [show(d[str(layer)]) if str(layer) in d else "" for d in results["differences"].values()]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     if any(results["models"][n].get("dev") for n in names):
         lines += ["", "| model | dev contrastive loss | dev accuracy |", "|---|---|---|"]

@@ -49,6 +49,12 @@ class Bootstrap:
             yield rng.integers(0, self.num_items, size=self.num_items)
 
 
+def interval(value: float, draws) -> dict[str, float]:
+    """A figure and its 95 % percentile interval over bootstrap draws."""
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"value": float(value), "low": float(low), "high": float(high)}
+
+
 def with_interval(
     truth: np.ndarray, predicted: np.ndarray, num_classes: int, resamples: Bootstrap
 ) -> dict[str, dict[str, float]]:
@@ -58,14 +64,7 @@ def with_interval(
     for sample in resamples:
         for metric, value in scores(truth[sample], predicted[sample], num_classes).items():
             draws[metric].append(value)
-    return {
-        metric: {
-            "value": point[metric],
-            "low": float(np.percentile(draws[metric], 2.5)),
-            "high": float(np.percentile(draws[metric], 97.5)),
-        }
-        for metric in METRICS
-    }
+    return {metric: interval(point[metric], draws[metric]) for metric in METRICS}
 
 
 def paired_difference(
@@ -78,7 +77,7 @@ def paired_difference(
         scores(truth[s], predicted_b[s], num_classes)[metric] - scores(truth[s], predicted_a[s], num_classes)[metric]
         for s in resamples
     ]
-    return {"value": float(point), "low": float(np.percentile(draws, 2.5)), "high": float(np.percentile(draws, 97.5))}
+    return interval(point, draws)
 
 
 def chance_scores(train_truth: np.ndarray, test_truth: np.ndarray, num_classes: int, seed: int) -> dict[str, float]:
