@@ -16,7 +16,7 @@ import soundfile as sf
 
 from utils.audio import TARGET_SAMPLE_RATE
 from utils.manifests import read_tsv
-from utils.segments import is_rttm, list_sources, read_segments
+from utils.segments import file_ids, is_rttm, list_sources, read_segments
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ def read_labelled_segments(paths: list[str], audio_dir: str | None, participant_
     if all(rttm):
         if not audio_dir:
             raise ValueError("--segments RTTM files name file ids, not paths: give --audio_dir")
-        for source in list_sources([audio_dir]):
-            stem = Path(source).stem
-            by_stem[stem] = None if stem in by_stem else source  # None: the id names several files
+        by_stem = file_ids(list_sources([audio_dir]))
     participants = {}
     parsed = {path: read_segments(path) for path in paths}  # checks the times first, naming file and line
     if not all(rttm):  # the TSV's own participant column, when it has one

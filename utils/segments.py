@@ -99,17 +99,25 @@ def read_segments(path: str) -> list[tuple[str, float, float, str]]:
     return [s[:4] for s in segments]
 
 
+def file_ids(sources) -> dict[str, str | None]:
+    """{RTTM file id (file name without extension): its source}; None for an id that names several
+    files, since an RTTM file id must name one."""
+    ids: dict[str, str | None] = {}
+    for source in sources:
+        stem = Path(source).stem
+        ids[stem] = None if stem in ids else source
+    return ids
+
+
 def make_jobs(sources: dict[str, str], segments: list | None, extension: str) -> list[Job]:
     """One job per source file, or per segment (from read_segments) of a source; ValueError when two
     jobs would write the same output file or a segment's file id matches several sources."""
     if segments is None:
         jobs = [Job(source, f"{name}.{extension}") for source, name in sources.items()]
     else:
-        by_key = {}
-        for source, name in sources.items():
-            by_key[source] = (source, name)
-            stem = Path(source).stem
-            by_key[stem] = None if stem in by_key else (source, name)  # an RTTM file id must name one file
+        by_key = {source: (source, name) for source, name in sources.items()}
+        for file_id, source in file_ids(sources).items():
+            by_key[file_id] = None if source is None else (source, sources[source])
         jobs, unmatched, ambiguous = [], set(), set()
         for key, start, end, label in segments:
             if key not in by_key:
