@@ -38,7 +38,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from transformers import AutoConfig, Wav2Vec2Model
 
-from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
+from utils.audio import TARGET_SAMPLE_RATE
 from utils.extraction_folder import claim_features_dir, model_fingerprint
 from utils.features import FAILURE_COLUMNS, INDEX_COLUMNS, OutputFiles, merge_tables
 from utils.hourglass import MODEL_TYPE, model_class, read_config
@@ -47,7 +47,7 @@ from utils.processes import StopSignal, ignore_sigterm
 from utils.progress import DEFAULT_PROGRESS_INTERVAL, PROGRESS_INTERVAL_HELP, progress_bar
 from utils.segments import Job, is_rttm, list_sources, make_jobs, name_files, read_segments
 from utils.training import load_feature_extractor
-from utils.windows import WindowReader, as_is, batches, run_model
+from utils.windows import WindowReader, as_is, batches, run_model, window_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -230,19 +230,13 @@ def region_seconds(job: Job) -> float:
 def extract(args, state, my_files, config, model, feature_extractor, layers, device) -> tuple[OutputFiles, dict]:
     """Run every window of this process's files; the output files are complete on return. Returns
     the outputs' index rows and failures, and the audio seconds and wall/CPU seconds of the loop."""
-    receptive_field, stride = conv_geometry(config)
-    frame_rate = TARGET_SAMPLE_RATE / stride
-    chunk_frames = max(1, round(args.chunk_seconds * frame_rate))
-    context_frames = round(args.context_seconds * frame_rate)
-    full_window = stride * (chunk_frames + 2 * context_frames - 1) + receptive_field
-    pad_with_mask = config.feat_extract_norm == "layer"
+    geometry = window_geometry(config, args.chunk_seconds, args.context_seconds)
+    frame_rate, pad_with_mask = geometry.frame_rate, geometry.pad_with_mask
     output_dir = Path(args.output_dir)
     reader = WindowReader(
         my_files,
         output_dir,
-        chunk_frames,
-        context_frames,
-        (receptive_field, stride),
+        geometry,
         feature_extractor.do_normalize,
         args.skip_existing,
     )
@@ -266,7 +260,7 @@ def extract(args, state, my_files, config, model, feature_extractor, layers, dev
     audio_seconds, started, cpu_started = 0.0, time.perf_counter(), time.process_time()
     stop = StopSignal()  # cluster preemption: the files begun are finished, then the loop ends
     try:
-        for kind, payload in batches(loader, args.batch_size, full_window, pad_with_mask):
+        for kind, payload in batches(loader, args.batch_size, geometry.full_window, pad_with_mask):
             if kind == "batch":
                 for item, features in zip(
                     payload, run_model(model, payload, layers, device, DTYPES[args.dtype], pad_with_mask)

@@ -35,7 +35,14 @@ from utils.manifests import (
     write_manifests,
 )
 from utils.numerics import UpdateGuard, null_if_nonfinite
-from utils.objective import MaskAndNegatives, code_logits_of, crop_frames, feature_penalty, gumbel_temperature
+from utils.objective import (
+    MaskAndNegatives,
+    code_logits_of,
+    crop_frames,
+    feature_penalty,
+    gumbel_temperature,
+    to_device,
+)
 from utils.pretrain_arguments import (
     Arguments,
     DataArguments,
@@ -272,14 +279,6 @@ def prepare_for_pretraining(model, model_args, objective, train_args):
 # ---------------------------------------------------------------------------------------------
 # 4. Evaluation
 # ---------------------------------------------------------------------------------------------
-
-
-def to_device(batch: dict, device) -> dict:
-    return {
-        "input_values": batch["input_values"].to(device, non_blocking=True),
-        "mask_time_indices": batch["mask_time_indices"].to(device, non_blocking=True),
-        "sampled_negative_indices": batch["sampled_negative_indices"].to(device, non_blocking=True),
-    }
 
 
 def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_workers, cnn_output, log_path) -> dict:

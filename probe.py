@@ -39,9 +39,9 @@ import torch
 from utils.audio import TARGET_SAMPLE_RATE
 from utils.manifests import DEFAULT_PARTICIPANT_REGEX, read_manifest
 from utils.probe_data import prepare, read_labelled_segments
-from utils.probe_features import dev_figures, load_probe_model, probe_model
-from utils.probe_report import differences, write_outputs
-from utils.probes import HEADLINE, Bootstrap, chance_scores
+from utils.probe_features import PROBE_DEFAULTS, dev_figures, load_probe_model, probe_model
+from utils.probe_report import results_of, write_outputs
+from utils.probes import HEADLINE
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--participant_regex", default=DEFAULT_PARTICIPANT_REGEX)
     parser.add_argument("--seed", type=int, default=0, help="the participant split, the bootstrap, the probes")
     parser.add_argument("--frame_level", action="store_true", help="probe 50 Hz frames instead of pooled segments")
-    parser.add_argument("--max_frames_per_file", type=int, default=3000, help="--frame_level: evenly spread frames")
-    parser.add_argument("--regularization", type=float, default=1.0, help="inverse L2 strength C of the probes")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test items for the intervals")
+    parser.add_argument(
+        "--max_frames_per_file",
+        type=int,
+        default=PROBE_DEFAULTS["max_frames_per_file"],
+        help="--frame_level: evenly spread frames",
+    )
+    parser.add_argument(
+        "--regularization",
+        type=float,
+        default=PROBE_DEFAULTS["regularization"],
+        help="inverse L2 strength C of the probes",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=PROBE_DEFAULTS["bootstrap"],
+        help="resamples of the test items for the intervals",
+    )
     parser.add_argument("--dev_manifest", help="a manifest (data/prepare_manifest.py) for the dev loss and accuracy")
     parser.add_argument("--dev_crop_seconds", type=float, default=4.0)
     parser.add_argument("--dev_crops_per_file", type=int, default=8)
-    parser.add_argument("--chunk_seconds", type=float, default=30.0, help="long regions run in chunks (see README)")
-    parser.add_argument("--context_seconds", type=float, default=5.0)
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument(
+        "--chunk_seconds",
+        type=float,
+        default=PROBE_DEFAULTS["chunk_seconds"],
+        help="long regions run in chunks (see README)",
+    )
+    parser.add_argument("--context_seconds", type=float, default=PROBE_DEFAULTS["context_seconds"])
+    parser.add_argument(
+        "--batch_size", type=int, default=PROBE_DEFAULTS["batch_size"], help="windows per forward pass"
+    )
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     args.names = args.names.split(",") if args.names else [Path(m.rstrip("/")).name for m in args.models]
@@ -168,22 +190,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     data, dev_rows = load_data(args)
     models, targets = probe_all(args, data, dev_rows)
-    num_classes = len(data.labels)
-    results = {
-        "task": "frame" if args.frame_level else "segment",
-        "labels": data.labels,
-        "train_participants": data.train_participants,
-        "test_participants": data.test_participants,
-        "num_train": len(targets["train"]),
-        "num_test": len(targets["test"]),
-        "test_labels": targets["test"].tolist(),
-        "chance": chance_scores(targets["train"], targets["test"], num_classes, args.seed),
-        "skipped_segments": data.skipped,
-        "models": models,
-    }
-    results["differences"] = differences(
-        results, num_classes, Bootstrap(len(targets["test"]), args.bootstrap, args.seed)
-    )
+    results = results_of(data, models, targets["train"], targets["test"], args.frame_level, args.bootstrap)
     write_outputs(results, Path(args.output_dir))
     logger.info("wrote %s", Path(args.output_dir) / "probe_report.md")
     return results

@@ -97,6 +97,15 @@ class MaskAndNegatives:
         return batch
 
 
+def to_device(batch: dict, device) -> dict:
+    """The model inputs of a MaskAndNegatives batch, on the device."""
+    return {
+        "input_values": batch["input_values"].to(device, non_blocking=True),
+        "mask_time_indices": batch["mask_time_indices"].to(device, non_blocking=True),
+        "sampled_negative_indices": batch["sampled_negative_indices"].to(device, non_blocking=True),
+    }
+
+
 @contextmanager
 def numpy_global_seed(key):
     state = np.random.get_state()

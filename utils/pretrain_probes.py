@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from utils.probe_data import ProbeData, prepare, read_labelled_segments
-from utils.probe_features import probe_model
-from utils.probe_report import differences, report_tables, write_outputs
-from utils.probes import Bootstrap, chance_scores
+from utils.probe_features import PROBE_DEFAULTS, probe_model
+from utils.probe_report import report_tables, results_of, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +26,8 @@ TEST_FRACTION = 0.3
 
 
 def probe_options(seed: int, device) -> dict:
-    return {
-        "chunk_seconds": 30.0,
-        "context_seconds": 5.0,
-        "batch_size": 8,
-        "frame_level": False,
-        "device": device,
-        "max_frames_per_file": 3000,
-        "bootstrap": 1000,
-        "regularization": 1.0,
-        "seed": seed,
-        "layers": None,
-    }
+    """probe.py's defaults: segment level, every layer."""
+    return {**PROBE_DEFAULTS, "frame_level": False, "device": device, "seed": seed, "layers": None}
 
 
 def read_probe_segments(path: str, participant_regex: str, seed: int) -> ProbeData:
@@ -90,7 +79,6 @@ def probe_final(model, feature_extractor, data: ProbeData, output_dir: Path) -> 
     except (ValueError, OSError) as error:
         logger.warning("--probe_segments: the final model could not be probed: %s", error)
         return "The final model could not be probed (the training log says why).\n"
-    seed = data.seed
     models = {}
     start_path = probes_dir / f"{START}.json"
     if start_path.exists():
@@ -102,25 +90,13 @@ def probe_final(model, feature_extractor, data: ProbeData, output_dir: Path) -> 
     else:
         logger.warning("no probes of the start model in %s (a run resumed from one without them)", probes_dir)
     models[FINAL] = final
-    num_classes = len(data.labels)
-    results = {
-        "task": "segment",
-        "labels": data.labels,
-        "train_participants": data.train_participants,
-        "test_participants": data.test_participants,
-        "num_train": len(final["train_targets"]),
-        "num_test": len(final["test_targets"]),
-        "test_labels": final["test_targets"],
-        "chance": chance_scores(
-            np.asarray(final["train_targets"]), np.asarray(final["test_targets"]), num_classes, seed
-        ),
-        "skipped_segments": data.skipped,
-        "models": {
-            name: {"path": name, "dev": None, "best_layer": m["best_layer"], "layers": m["layers"]}
-            for name, m in models.items()
-        },
+    models = {
+        name: {"path": name, "dev": None, "best_layer": m["best_layer"], "layers": m["layers"]}
+        for name, m in models.items()
     }
-    results["differences"] = differences(results, num_classes, Bootstrap(results["num_test"], 1000, seed))
+    results = results_of(
+        data, models, final["train_targets"], final["test_targets"], False, PROBE_DEFAULTS["bootstrap"]
+    )
     write_outputs(results, probes_dir)
     gain = results["differences"].get(FINAL, {}).get(str(final["best_layer"]))
     if gain is not None:

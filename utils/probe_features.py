@@ -12,19 +12,27 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-from utils.audio import TARGET_SAMPLE_RATE, conv_geometry
 from utils.crops import CropStream, exit_on_unreadable
 from utils.hourglass import model_class, read_config
-from utils.objective import MaskAndNegatives, code_logits_of, crop_frames
+from utils.objective import MaskAndNegatives, code_logits_of, crop_frames, to_device
 from utils.pretrain_log import DevSums
 from utils.probe_data import Segment, even_subset, frame_labels
 from utils.probes import Bootstrap, best_layer, probe_layers
 from utils.segments import Job
 from utils.training import load_feature_extractor, make_loader
-from utils.windows import WindowReader, as_is, batches, run_model
+from utils.windows import WindowReader, as_is, batches, run_model, window_geometry
 
 logger = logging.getLogger(__name__)
 DEV_MASK_PROB, DEV_MASK_LENGTH, DEV_NEGATIVES = 0.65, 10, 100
+# probe.py's defaults, which pretrain.py --probe_segments uses too.
+PROBE_DEFAULTS = {
+    "chunk_seconds": 30.0,
+    "context_seconds": 5.0,
+    "batch_size": 8,
+    "max_frames_per_file": 3000,
+    "bootstrap": 1000,
+    "regularization": 1.0,
+}
 
 
 def load_probe_model(path: str, device):
@@ -68,30 +76,23 @@ def model_features(
     evenly spread), labelled by utils.probe_data.frame_labels. options: chunk_seconds,
     context_seconds, batch_size, device, max_frames_per_file."""
     encoder, config = encoder_of(model), model.config
-    receptive_field, stride = conv_geometry(config)
-    frame_rate = TARGET_SAMPLE_RATE / stride
-    chunk_frames = max(1, round(options["chunk_seconds"] * frame_rate))
-    context_frames = round(options["context_seconds"] * frame_rate)
+    geometry = window_geometry(config, options["chunk_seconds"], options["context_seconds"])
     if frame_level:
         by_file: dict[str, list[Segment]] = {}
         for s in segments:
             by_file.setdefault(s.source, []).append(s)
-        jobs = [Job(source, "", 0.0, None, file_segments[0].participant) for source, file_segments in by_file.items()]
+        jobs = [Job(source, "") for source in by_file]
     else:
-        jobs = [Job(s.source, "", s.start, s.end, s.participant) for s in segments]
+        jobs = [Job(s.source, "", s.start, s.end) for s in segments]
     files: dict[str, list] = {}
     for job_id, job in enumerate(jobs):
         files.setdefault(job.source, []).append((job_id, job))
-    reader = WindowReader(
-        list(files.items()), Path("."), chunk_frames, context_frames, (receptive_field, stride),
-        feature_extractor.do_normalize, False,
-    )  # fmt: skip
-    full_window = stride * (chunk_frames + 2 * context_frames - 1) + receptive_field
-    pad_with_mask = config.feat_extract_norm == "layer"
+    reader = WindowReader(list(files.items()), Path("."), geometry, feature_extractor.do_normalize, False)
+    pad_with_mask = geometry.pad_with_mask
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=0, collate_fn=as_is)
     layers = list(range(config.num_hidden_layers + 1))
     sums, frames, failures, failed = {}, {}, [], set()
-    for kind, payload in batches(loader, options["batch_size"], full_window, pad_with_mask):
+    for kind, payload in batches(loader, options["batch_size"], geometry.full_window, pad_with_mask):
         if kind == "note":  # an unreadable file, or a segment that cannot be read (then none of it counts)
             failures.append({"source": payload["source"], "reason": payload["reason"]})
             failed |= (
@@ -108,7 +109,7 @@ def model_features(
             if frame_level:
                 if job_id not in frames:
                     frame_label = frame_labels(
-                        by_file[job.source], labels, item["num_frames"], stride, receptive_field
+                        by_file[job.source], labels, item["num_frames"], geometry.stride, geometry.receptive_field
                     )
                     chosen = even_subset(item["num_frames"], options["max_frames_per_file"])
                     chosen = chosen[frame_label[chosen] >= 0]
@@ -125,7 +126,8 @@ def model_features(
                 total[1] = total[1] + wide.sum(axis=1)
                 total[2] = total[2] + np.square(wide).sum(axis=1)
     if frame_level:
-        return collect_frames(jobs, {i: f for i, f in frames.items() if i not in failed}, failures)
+        participant_of_job = [by_file[job.source][0].participant for job in jobs]
+        return collect_frames(participant_of_job, {i: f for i, f in frames.items() if i not in failed}, failures)
     index = {label: i for i, label in enumerate(labels)}
     kept = [i for i in range(len(jobs)) if i in sums and i not in failed]
     pooled = []
@@ -141,14 +143,14 @@ def model_features(
     )
 
 
-def collect_frames(jobs: list[Job], frames: dict, failures: list[dict]):
+def collect_frames(participant_of_job: list[str], frames: dict, failures: list[dict]):
     features, targets, participants = [], [], []
     for job_id, (_, frame_label, parts, positions) in sorted(frames.items()):
         order = np.argsort(np.concatenate(positions))
         stacked = np.concatenate(parts, axis=1)[:, order]
         features.append(stacked.transpose(1, 0, 2))
         targets.append(frame_label)
-        participants += [jobs[job_id].label] * len(frame_label)
+        participants += [participant_of_job[job_id]] * len(frame_label)
     return (
         np.concatenate(features).astype(np.float32),
         np.concatenate(targets),
@@ -183,10 +185,7 @@ def dev_figures(model, feature_extractor, dev_rows: list[dict], options: dict) -
     sums = DevSums(config, model.device)
     with torch.no_grad(), code_logits_of(model) as code_logits:
         for batch in exit_on_unreadable(make_loader(stream, 0, batch_size=None)):
-            inputs = {
-                key: batch[key].to(model.device)
-                for key in ("input_values", "mask_time_indices", "sampled_negative_indices")
-            }
+            inputs = to_device(batch, model.device)
             sums.add(model(**inputs), inputs, code_logits.pop())
     row = sums.row(_OneProcess, 0)
     return {key: row[key] for key in ("dev_contrastive_loss", "dev_accuracy", "dev_crops")}

@@ -9,9 +9,29 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.probes import HEADLINE, METRICS, Bootstrap, paired_difference
+from utils.probes import HEADLINE, METRICS, Bootstrap, chance_scores, paired_difference
 
 NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "uar": "UAR"}
+
+
+def results_of(data, models: dict, train_targets, test_targets, frame_level: bool, num_resamples: int) -> dict:
+    """probe_results.json's content: the task, the split (utils.probe_data.ProbeData `data`), chance, each
+    model's results and the differences between models (bootstrap seeded by the split's seed)."""
+    num_classes = len(data.labels)
+    results = {
+        "task": "frame" if frame_level else "segment",
+        "labels": data.labels,
+        "train_participants": data.train_participants,
+        "test_participants": data.test_participants,
+        "num_train": len(train_targets),
+        "num_test": len(test_targets),
+        "test_labels": np.asarray(test_targets).tolist(),
+        "chance": chance_scores(np.asarray(train_targets), np.asarray(test_targets), num_classes, data.seed),
+        "skipped_segments": data.skipped,
+        "models": models,
+    }
+    results["differences"] = differences(results, num_classes, Bootstrap(len(test_targets), num_resamples, data.seed))
+    return results
 
 
 def differences(results: dict, num_classes: int, resamples: Bootstrap) -> dict:

@@ -10,7 +10,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from utils.audio import TARGET_SAMPLE_RATE, conv_frames, normalize_waveform, read_resampled, target_length
+from utils.audio import (
+    TARGET_SAMPLE_RATE,
+    conv_frames,
+    conv_geometry,
+    normalize_waveform,
+    read_resampled,
+    target_length,
+)
 from utils.numerics import nonfinite_samples
 from utils.segments import Job
 
@@ -22,6 +29,40 @@ class Window:
     keep: int  # first window frame that belongs to the output...
     count: int  # ...and how many do
     dest: int  # output frame of window frame `keep`
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How a model's frames are computed in windows: the conv encoder's receptive field and stride
+    (samples), the output frames per chunk and the context frames on each side of it, and whether
+    shorter windows may be zero-padded with an attention mask (layer-norm conv features)."""
+
+    receptive_field: int
+    stride: int
+    chunk_frames: int
+    context_frames: int
+    pad_with_mask: bool
+
+    @property
+    def frame_rate(self) -> float:
+        return TARGET_SAMPLE_RATE / self.stride
+
+    @property
+    def full_window(self) -> int:
+        """Samples of a window of chunk + 2 x context frames."""
+        return self.stride * (self.chunk_frames + 2 * self.context_frames - 1) + self.receptive_field
+
+
+def window_geometry(config, chunk_seconds: float, context_seconds: float) -> WindowGeometry:
+    receptive_field, stride = conv_geometry(config)
+    frame_rate = TARGET_SAMPLE_RATE / stride
+    return WindowGeometry(
+        receptive_field,
+        stride,
+        max(1, round(chunk_seconds * frame_rate)),
+        round(context_seconds * frame_rate),
+        config.feat_extract_norm == "layer",
+    )
 
 
 def plan_windows(
@@ -79,14 +120,11 @@ class WindowReader(torch.utils.data.IterableDataset):
         self,
         files: list[tuple[str, list[tuple[int, Job]]]],
         output_dir: Path,
-        chunk_frames: int,
-        context_frames: int,
-        geometry: tuple[int, int],
+        geometry: WindowGeometry,
         normalize: bool,
         skip_existing: bool,
     ):
-        self.files, self.output_dir = files, output_dir
-        self.chunk_frames, self.context_frames, self.geometry = chunk_frames, context_frames, geometry
+        self.files, self.output_dir, self.geometry = files, output_dir, geometry
         self.normalize, self.skip_existing = normalize, skip_existing
 
     def __iter__(self):
@@ -108,15 +146,16 @@ class WindowReader(torch.utils.data.IterableDataset):
             region_start,
             region_stop - region_start,
             file_length,
-            self.chunk_frames,
-            self.context_frames,
-            *self.geometry,
+            self.geometry.chunk_frames,
+            self.geometry.context_frames,
+            self.geometry.receptive_field,
+            self.geometry.stride,
         )
         if num_frames == 0:
             if file_length == 0:
                 reason = "empty file (no samples)"
             elif region_start < file_length:
-                reason = f"shorter than one frame ({self.geometry[0] / TARGET_SAMPLE_RATE * 1000:g} ms)"
+                reason = f"shorter than one frame ({self.geometry.receptive_field / TARGET_SAMPLE_RATE * 1000:g} ms)"
             else:
                 reason = "starts after the end of the file"
             yield {"source": job.source, "job": (job_id, job), "reason": reason}
