@@ -225,18 +225,24 @@ def test_metrics_match_scikit_learn_and_intervals_are_paired():
     assert chance["uar"] == pytest.approx(0.25, abs=0.01) and chance["accuracy"] == pytest.approx(0.25, abs=0.01)
 
 
+def tiny_pretraining(corpus, tmp_path, tiny_base_dir, **overrides) -> dict:
+    """pretrain.py options for a few updates of the tiny model on the probe corpus's recordings."""
+    from utils.manifests import prepare_manifests
+
+    prepare_manifests(corpus / "audio", tmp_path / "manifests", dev_fraction=0.0, seed=0)
+    return dict(
+        config_name=tiny_base_dir, train_manifest=tmp_path / "manifests" / "train.tsv", crop_seconds=1.0,
+        epoch_multiplier=4, num_negatives=10, learning_rate=2e-3, warmup_steps=1, logging_steps=1, eval_steps=0,
+        save_steps=0, num_workers=0, report_to="none",
+    ) | overrides  # fmt: skip
+
+
 def test_pretrain_probes_the_start_and_final_model_without_changing_training(corpus, tmp_path, tiny_base_dir):
     from helpers import flags, log_rows
 
     import pretrain
-    from utils.manifests import prepare_manifests
 
-    prepare_manifests(corpus / "audio", tmp_path / "manifests", dev_fraction=0.0, seed=0)
-    options = dict(
-        config_name=tiny_base_dir, train_manifest=tmp_path / "manifests" / "train.tsv", crop_seconds=1.0,
-        epoch_multiplier=4, per_device_train_batch_size=4, num_negatives=10, learning_rate=2e-3, warmup_steps=1,
-        logging_steps=1, eval_steps=0, save_steps=0, num_workers=0, report_to="none", max_train_steps=3,
-    )  # fmt: skip
+    options = tiny_pretraining(corpus, tmp_path, tiny_base_dir, per_device_train_batch_size=4, max_train_steps=3)
     pretrain.main(flags(**options, output_dir=tmp_path / "plain"))
     probed = pretrain.main(flags(**options, output_dir=tmp_path / "probed", probe_segments=corpus / "segments.tsv"))
     losses = [(r["step"], r["loss"], r["grad_norm"]) for r in log_rows(probed)]
@@ -278,17 +284,10 @@ def test_pretrain_probes_under_two_processes(corpus, tmp_path, tiny_base_dir):
 
     from helpers import flags, log_rows, run_script
 
-    from utils.manifests import prepare_manifests
-
-    prepare_manifests(corpus / "audio", tmp_path / "manifests", dev_fraction=0.0, seed=0)
     out = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    options = dict(
-        config_name=tiny_base_dir, train_manifest=tmp_path / "manifests" / "train.tsv", crop_seconds=1.0,
-        epoch_multiplier=4, per_device_train_batch_size=2, num_negatives=10, learning_rate=2e-3, warmup_steps=1,
-        logging_steps=1, eval_steps=0, save_steps=0, num_workers=0, report_to="none", max_train_steps=2,
-        output_dir=out, probe_segments=corpus / "segments.tsv",
-    )  # fmt: skip
+    options = tiny_pretraining(corpus, tmp_path, tiny_base_dir, per_device_train_batch_size=2, max_train_steps=2)
+    options |= dict(output_dir=out, probe_segments=corpus / "segments.tsv")
     run_script(
         "pretrain.py",
         *flags(**options),
