@@ -41,6 +41,7 @@ from utils.objective import (
     crop_frames,
     feature_penalty,
     gumbel_temperature,
+    pretraining_forward,
     to_device,
 )
 from utils.pretrain_arguments import (
@@ -58,6 +59,7 @@ from utils.probe_data import ProbeData
 from utils.processes import StopSignal, end_processes
 from utils.progress import progress_bar
 from utils.run_folder import claim_output_dir
+from utils.step_memory import reduce_step_memory
 from utils.training import (
     TrainingArguments,
     append_jsonl,
@@ -273,6 +275,7 @@ def prepare_for_pretraining(model, model_args, objective, train_args):
         )
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reduce_step_memory(model)
     return gumbel_start, cnn_output
 
 
@@ -288,7 +291,7 @@ def evaluate(step: int, unwrapped, dev_stream: CropStream, accelerator, num_work
     with torch.no_grad(), code_logits_of(unwrapped) as code_logits:
         for batch in exit_on_unreadable(make_loader(dev_stream, num_workers, batch_size=None)):
             inputs = to_device(batch, accelerator.device)
-            sums.add(unwrapped(**inputs), inputs, code_logits.pop())
+            sums.add(pretraining_forward(unwrapped, inputs, unwrapped.config), inputs, code_logits.pop())
     if cnn_output is not None:
         cnn_output.clear()
     record = sums.row(accelerator, step)
@@ -355,7 +358,7 @@ def resume(
 def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_output, args, state: LoopState):
     """One optimizer update on the micro-batches, their sums in the window, unless the guard skips it (a NaN
     or Inf loss or gradient norm, an fp16 overflow). Returns the gradient norm and whether it was applied."""
-    objective, train_args = args.objective, args.training
+    objective, train_args, config = args.objective, args.training, accelerator.unwrap_model(model).config
     accumulation = train_args.gradient_accumulation_steps
     masked_here = sum(int(b["mask_time_indices"].sum()) for b in micro_batches)
     total_masked = accelerator.reduce(torch.tensor(float(masked_here), device=accelerator.device), reduction="sum")
@@ -367,7 +370,7 @@ def update(accelerator, model, optimizer, micro_batches, window: LogWindow, cnn_
     for batch in micro_batches:
         inputs = to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
-            out = model(**inputs)
+            out = pretraining_forward(model, inputs, config)
             penalty = (
                 feature_penalty(cnn_output.pop("features"), inputs["mask_time_indices"])
                 if cnn_output is not None

@@ -48,7 +48,8 @@ from transformers import Wav2Vec2ForPreTraining  # noqa: E402
 from utils.audio import conv_frames, conv_geometry  # noqa: E402
 from utils.hourglass import model_class, parse_hourglass, read_config, with_encoder  # noqa: E402
 from utils.manifests import prepare_manifests  # noqa: E402
-from utils.objective import MaskAndNegatives  # noqa: E402
+from utils.objective import MaskAndNegatives, pretraining_forward  # noqa: E402
+from utils.step_memory import reduce_step_memory  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs" / "tiny-wav2vec2-base", "robust": REPO / "configs" / "tiny-wav2vec2-robust"}
 BASE_TRAIN_FLOPS_PER_AUDIO_SECOND = 44e9  # wav2vec2-base, 8 s crops, no activation checkpointing
@@ -115,6 +116,7 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
     model = model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reduce_step_memory(model)  # as pretrain.py does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     samples = int(args.crop_seconds * 16000)
     frames = conv_frames(samples, *conv_geometry(config))
@@ -131,7 +133,7 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
 
     def step():
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(**inputs).loss / inputs["mask_time_indices"].sum()
+            loss = pretraining_forward(model, inputs, model.config).loss / inputs["mask_time_indices"].sum()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

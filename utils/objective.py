@@ -1,6 +1,7 @@
 """The wav2vec 2.0 pretraining objective around transformers' model: the values of each model family,
-masks and negatives drawn per crop, the Gumbel temperature schedule, fairseq's feature penalty,
-contrastive accuracy, and the soft code distribution the diversity term is computed from."""
+masks and negatives drawn per crop, the Gumbel temperature schedule, the contrastive and diversity
+losses (computed here, in less memory than the model's own), fairseq's feature penalty, contrastive
+accuracy, and the soft code distribution the diversity term is computed from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2ForPreTraining
+import torch.nn.functional as F
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from utils.audio import TARGET_SAMPLE_RATE, conv_frames, conv_geometry
@@ -99,6 +100,7 @@ class MaskAndNegatives:
 
 def to_device(batch: dict, device) -> dict:
     """The model inputs of a MaskAndNegatives batch, on the device."""
+    check_negatives(batch)
     return {
         "input_values": batch["input_values"].to(device, non_blocking=True),
         "mask_time_indices": batch["mask_time_indices"].to(device, non_blocking=True),
@@ -128,17 +130,56 @@ def feature_penalty(features: torch.Tensor, mask_time_indices: torch.Tensor) -> 
     return (per_crop * mask_time_indices.sum(1)).sum()
 
 
+def contrastive_logits(out, inputs: dict, temperature: float) -> torch.Tensor:
+    """(masked frames, 1 + negatives): the cosine similarity of each masked frame's context vector to
+    its true quantized vector (column 0) and to its negatives, over the temperature; a negative equal
+    to the true vector is -inf. The numbers of transformers' loss, without its (negatives, batch,
+    frames, dim) copy of the quantized vectors (0.95 GB of the saved activations of a batch of 8 x 8 s
+    with 100 negatives): each crop's context vectors are compared with all its quantized vectors at
+    once, frames x frames, and the negatives picked from that. A frame's negatives are frames of its
+    own crop (flat indices crop x frames + frame), as MaskAndNegatives and transformers draw them."""
+    context, quantized = out.projected_states, out.projected_quantized_states
+    batch, frames, dim = quantized.shape
+    mask = inputs["mask_time_indices"].bool()
+    rows = torch.arange(batch, device=quantized.device)[:, None, None] * frames
+    negatives = inputs["sampled_negative_indices"].long().reshape(batch, frames, -1) - rows
+    with torch.autocast(quantized.device.type, enabled=False):  # fp32 as in the model's loss
+        unit_context = F.normalize(context.float(), dim=-1, eps=1e-8)
+        unit_quantized = F.normalize(quantized.float(), dim=-1, eps=1e-8)
+        similarity = torch.bmm(unit_context, unit_quantized.transpose(1, 2))  # (batch, frames, frames)
+    with torch.no_grad():  # equal vectors (low code usage) share an id; such a negative is no negative
+        ids = torch.unique(quantized.detach().reshape(-1, dim), dim=0, return_inverse=True)[1].reshape(batch, frames)
+        same = ids.gather(1, negatives.reshape(batch, -1)).reshape(negatives.shape) == ids[..., None]
+    positive = similarity.diagonal(dim1=1, dim2=2)[mask]
+    negative = similarity.gather(2, negatives)[mask].masked_fill(same[mask], float("-inf"))
+    return torch.cat([positive[:, None], negative], dim=1) / temperature
+
+
+def check_negatives(batch: dict) -> None:
+    """ValueError unless every negative is a frame of its own crop, which contrastive_logits needs."""
+    negatives, frames = np.asarray(batch["sampled_negative_indices"]), np.asarray(batch["mask_time_indices"]).shape[1]
+    local = negatives.reshape(len(negatives), frames, -1) - np.arange(len(negatives))[:, None, None] * frames
+    if local.size and (local.min() < 0 or local.max() >= frames):
+        raise ValueError("sampled_negative_indices: a frame's negatives must be frames of its own crop")
+
+
+def pretraining_forward(model, inputs: dict, config):
+    """The model's output on a MaskAndNegatives batch, with the losses summed over the masked frames
+    as transformers' model computes them (loss = contrastive_loss + diversity_loss_weight x
+    diversity_loss), from contrastive_logits. `config`: the model's."""
+    out = model(inputs["input_values"], mask_time_indices=inputs["mask_time_indices"])
+    logits = contrastive_logits(out, inputs, config.contrastive_logits_temperature)
+    out.contrastive_loss = F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long), reduction="sum")
+    codes = config.num_codevector_groups * config.num_codevectors_per_group
+    out.diversity_loss = (codes - out.codevector_perplexity) / codes * inputs["mask_time_indices"].sum()
+    out.loss = out.contrastive_loss + config.diversity_loss_weight * out.diversity_loss
+    return out
+
+
 def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
     """Masked frames whose true quantized vector scores above all its negatives."""
-    quantized, context = out.projected_quantized_states, out.projected_states
-    batch, frames, dim = quantized.shape
-    negatives = quantized.reshape(-1, dim)[inputs["sampled_negative_indices"].long().reshape(-1)]
-    negatives = negatives.reshape(batch, frames, -1, dim).permute(2, 0, 1, 3)
-    logits = Wav2Vec2ForPreTraining.compute_contrastive_logits(
-        quantized[None], negatives, context, config.contrastive_logits_temperature
-    )
-    logits[1:][(quantized == negatives).all(-1)] = float("-inf")
-    return ((logits.argmax(0) == 0) & inputs["mask_time_indices"].bool()).sum()
+    with torch.no_grad():
+        return (contrastive_logits(out, inputs, config.contrastive_logits_temperature).argmax(1) == 0).sum()
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 from utils.crops import CropStream, exit_on_unreadable
 from utils.hourglass import model_class, read_config
-from utils.objective import MaskAndNegatives, code_logits_of, crop_frames, to_device
+from utils.objective import MaskAndNegatives, code_logits_of, crop_frames, pretraining_forward, to_device
 from utils.pretrain_log import DevSums
 from utils.probe_data import Segment, even_subset, frame_labels
 from utils.probes import Bootstrap, best_layer, probe_layers
@@ -186,7 +186,7 @@ def dev_figures(model, feature_extractor, dev_rows: list[dict], options: dict) -
     with torch.no_grad(), code_logits_of(model) as code_logits:
         for batch in exit_on_unreadable(make_loader(stream, 0, batch_size=None)):
             inputs = to_device(batch, model.device)
-            sums.add(model(**inputs), inputs, code_logits.pop())
+            sums.add(pretraining_forward(model, inputs, config), inputs, code_logits.pop())
     row = sums.row(_OneProcess, 0)
     return {key: row[key] for key in ("dev_contrastive_loss", "dev_accuracy", "dev_crops")}
 
