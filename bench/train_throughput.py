@@ -14,7 +14,7 @@ the model's size, and the peak memory of both.
 With --hourglass the bare step of the standard and of the Hourglass encoder (utils/hourglass.py;
 the same config otherwise, the same batch) are compared. Speed: both models in one process, a step
 of one then a step of the other, --steps each after --warmup_steps, so that both see the same
-machine however busy other jobs keep it. Memory: each in fresh processes (so that neither inherits
+machine however busy other jobs keep it. LayerDrop is off in both, so every step runs every layer. Memory: each in fresh processes (so that neither inherits
 the other's), alternately --rounds times, the least peak of each. It prints `hourglass speedup: X`
 (audio-s/s, hourglass / standard) and `hourglass memory ratio: Y` (peak memory, hourglass /
 standard). Peak memory is what
@@ -109,6 +109,10 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
     config = read_config(config_dir)
     if args.hourglass:  # the standard encoder it is compared with has as many layers
         config.num_hidden_layers = sum(parse_hourglass(args.hourglass)) - parse_hourglass(args.hourglass)[2]
+        # Every layer in every step: LayerDrop would make the two steps differ by chance (a run with
+        # LayerDrop p spends 1 - p of each layer's time on average, in both), and a run must fit the
+        # step that drops none.
+        config.layerdrop = 0.0
     if hourglass:
         config.hourglass = hourglass
         config = with_encoder(config)

@@ -210,7 +210,7 @@ def pretrain_args(tmp_path: Path, config_dir, **overrides) -> list[str]:
     return flags(**options)
 
 
-def nan_output_on(monkeypatch, model_class, calls_to_spoil, output: str = "loss", mode: str = "train"):
+def nan_output_on(monkeypatch, model_class, calls_to_spoil, output: str, mode: str = "train"):
     """Make `output` of the model NaN on the forward calls n (1-based, counted in `mode`: train or
     eval) for which calls_to_spoil(n) is true. Returns the list the calls are counted in."""
     original, calls = model_class.forward, []
@@ -259,7 +259,7 @@ def test_skipped_updates_do_not_advance_step_schedules_or_budget(fault, tmp_path
 
     skipped = {2, 3}
     if fault == "nan_loss":
-        calls = nan_output_on(monkeypatch, Wav2Vec2ForPreTraining, lambda n: n in skipped)
+        calls = nan_output_on(monkeypatch, Wav2Vec2ForPreTraining, lambda n: n in skipped, "projected_states")
     else:  # what accelerate's GradScaler path does on an overflow: no optimizer step, step_was_skipped set
         original, calls = AcceleratedOptimizer.step, []
 
@@ -289,7 +289,7 @@ def test_consecutive_nonfinite_updates_stop_the_run_keeping_the_last_good_checkp
 
     import pretrain
 
-    nan_output_on(monkeypatch, Wav2Vec2ForPreTraining, lambda n: n >= 3)
+    nan_output_on(monkeypatch, Wav2Vec2ForPreTraining, lambda n: n >= 3, "projected_states")
     with pytest.raises(SystemExit) as stopped:
         pretrain.main(pretrain_args(tmp_path, tiny_base_dir, save_steps=2, max_consecutive_nonfinite=3))
     run = tmp_path / "run"

@@ -18,7 +18,8 @@ pretrain.py
   pretrain_arguments its flags
   crops              CropStream: silence-filtered random crops of long recordings
   dataset_recordings the recordings of a Hugging Face dataset as manifest rows, read in place
-  objective          masks and negatives per crop, feature penalty, contrastive accuracy, Gumbel schedule
+  objective          masks and negatives per crop, the contrastive and diversity losses, feature penalty, Gumbel schedule
+  step_memory        the pretraining step in less memory, numbers unchanged: a lean quantizer, the first conv layer recomputed
   pretrain_log       the train-log rows
   training_health    warnings (or a stop) when a run is not learning: loss at chance, collapsed features or codes
   pretrain_card      the loss curve and the model card
