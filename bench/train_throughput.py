@@ -3,6 +3,7 @@
     python bench/train_throughput.py [--config tiny|base|robust|PATH] [--batch_size 8] [--crop_seconds 8]
         [--precision fp32|fp16|bf16] [--gradient_checkpointing] [--steps 30] [--manifest M]
     python bench/train_throughput.py --config base --hourglass "[2,(8,4),2]" [--rounds 2]
+    python bench/train_throughput.py --config base --against_transformers [--rounds 2]
 
 The full loop is pretrain.main() itself (crop stream with workers, masks, loss normalisation,
 logging); its speed is the steady-state `audio_seconds_per_second` it logs. The bare step is
@@ -22,6 +23,10 @@ training the model takes at its peak above what the process held before the mode
 (weights, gradients, optimizer state, activations; on a GPU the allocator's peak, on a CPU the
 resident set's high-water mark); `step memory` is the part above what was held just before the
 timed steps (activations and temporaries: what the hourglass shrinks).
+
+With --against_transformers the same comparison is of pretrain.py's step and the step as
+transformers' model computes it (its own contrastive loss and quantizer, every activation of the CNN
+kept; see utils/step_memory.py): `memory savers speedup` and `memory savers memory ratio` (ours / transformers').
 """
 
 from __future__ import annotations
@@ -102,13 +107,14 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
 
 
-def training_step(config_dir: Path, args, hourglass: str | None = None):
+def training_step(config_dir: Path, args, hourglass: str | None = None, transformers_step: bool = False):
     """forward + backward + AdamW step of a fresh model on ready tensors (a closure), and its device;
-    the Hourglass encoder `hourglass` if given."""
+    the Hourglass encoder `hourglass` if given; transformers' own loss and quantizer if transformers_step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = read_config(config_dir)
     if args.hourglass:  # the standard encoder it is compared with has as many layers
         config.num_hidden_layers = sum(parse_hourglass(args.hourglass)) - parse_hourglass(args.hourglass)[2]
+    if args.hourglass or args.against_transformers:
         # Every layer in every step: LayerDrop would make the two steps differ by chance (a run with
         # LayerDrop p spends 1 - p of each layer's time on average, in both), and a run must fit the
         # step that drops none.
@@ -120,7 +126,8 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
     model = model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reduce_step_memory(model)  # as pretrain.py does
+    if not transformers_step:
+        reduce_step_memory(model)  # as pretrain.py does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     samples = int(args.crop_seconds * 16000)
     frames = conv_frames(samples, *conv_geometry(config))
@@ -137,7 +144,8 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
 
     def step():
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = pretraining_forward(model, inputs, model.config).loss / inputs["mask_time_indices"].sum()
+            out = model(**inputs) if transformers_step else pretraining_forward(model, inputs, model.config)
+            loss = out.loss / inputs["mask_time_indices"].sum()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -150,11 +158,11 @@ def training_step(config_dir: Path, args, hourglass: str | None = None):
     return step, device
 
 
-def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dict:
+def bare_step_speed(config_dir: Path, args, variant: tuple = (None, False)) -> dict:
     """Audio seconds per second of the training step, and the peak and step memory (see the module
-    docstring); the Hourglass encoder `hourglass` if given."""
+    docstring); `variant`: training_step's hourglass and transformers_step."""
     before_model = memory_gb()
-    step, _ = training_step(config_dir, args, hourglass)
+    step, _ = training_step(config_dir, args, *variant)
     for _ in range(args.warmup_steps):
         step()
     before_steps = memory_gb()
@@ -172,13 +180,17 @@ def bare_step_speed(config_dir: Path, args, hourglass: str | None = None) -> dic
     }
 
 
+def compared(args) -> dict:
+    """The two steps a comparison runs: name -> training_step's (hourglass, transformers_step)."""
+    if args.hourglass:
+        return {"standard": (None, False), "hourglass": (args.hourglass, False)}
+    return {"transformers": (None, True), "ours": (None, False)}
+
+
 def interleaved_speeds(config_dir: Path, args) -> dict:
-    """Audio seconds per second of the standard and the hourglass step, taken in turns in one process:
-    both see the same machine, however busy its other jobs keep it."""
-    steps = {
-        "standard": training_step(config_dir, args)[0],
-        "hourglass": training_step(config_dir, args, args.hourglass)[0],
-    }
+    """Audio seconds per second of the two compared steps, taken in turns in one process: both see
+    the same machine, however busy its other jobs keep it."""
+    steps = {name: training_step(config_dir, args, *variant)[0] for name, variant in compared(args).items()}
     seconds = dict.fromkeys(steps, 0.0)
     for index in range(args.warmup_steps + args.steps):
         for variant, step in steps.items():
@@ -261,12 +273,19 @@ def main() -> None:
     parser.add_argument(
         "--hourglass", help="also the Hourglass encoder with this shape, e.g. '[2,(8,4),2]': speedup and memory ratio"
     )
-    parser.add_argument("--rounds", type=int, default=1, help="with --hourglass: standard/hourglass runs each")
-    parser.add_argument("--measure", choices=["standard", "hourglass"], help=argparse.SUPPRESS)  # one child run
+    parser.add_argument(
+        "--against_transformers",
+        action="store_true",
+        help="compare pretrain.py's step with transformers' own (loss, quantizer, CNN activations): speedup, memory",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with a comparison: runs of each step")
+    parser.add_argument(
+        "--measure", choices=["standard", "hourglass", "transformers", "ours"], help=argparse.SUPPRESS
+    )  # one child run of a comparison
     args = parser.parse_args()
 
-    if args.hourglass and not args.measure:
-        compare_hourglass(args)
+    if (args.hourglass or args.against_transformers) and not args.measure:
+        compare_steps(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -278,7 +297,7 @@ def main() -> None:
             f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
             f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {device}"
         )
-        bare_result = bare_step_speed(config_dir, args, args.hourglass if args.measure == "hourglass" else None)
+        bare_result = bare_step_speed(config_dir, args, compared(args).get(args.measure, (None, False)))
         if args.measure:
             print(json.dumps(bare_result))
             return
@@ -309,11 +328,13 @@ def main() -> None:
 MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def compare_hourglass(args) -> dict:
-    """Memory: each encoder in fresh processes (--rounds each, alternately; the least peak counts).
+def compare_steps(args) -> dict:
+    """Memory: each step in fresh processes (--rounds each, alternately; the least peak counts).
     Speed: both in this process, a step of one then a step of the other."""
     child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--steps", "1"]
-    runs = {"standard": [], "hourglass": []}
+    runs = {name: [] for name in compared(args)}
+    before, after = runs
+    label = "hourglass" if args.hourglass else "memory savers"
     for round_index in range(args.rounds):
         for variant in runs:
             result = subprocess.run([*child, "--measure", variant], capture_output=True, text=True, env=MALLOC_ENV)
@@ -322,7 +343,7 @@ def compare_hourglass(args) -> dict:
             runs[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
             run = runs[variant][-1]
             print(
-                f"round {round_index + 1} {variant:9s} peak memory {run['peak_memory_gb']:.3f} GB "
+                f"round {round_index + 1} {variant:12s} peak memory {run['peak_memory_gb']:.3f} GB "
                 f"(step {run['step_memory_gb']:.3f} GB)",
                 flush=True,
             )
@@ -331,22 +352,23 @@ def compare_hourglass(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         speed = interleaved_speeds(model_folder(args.config, Path(tmp)), args)
     summary = {
-        "speedup": speed["hourglass"] / speed["standard"],
-        "memory_ratio": peak["hourglass"] / peak["standard"],
-        "step_memory_ratio": step["hourglass"] / step["standard"],
+        "speedup": speed[after] / speed[before],
+        "memory_ratio": peak[after] / peak[before],
+        "step_memory_ratio": step[after] / step[before],
     }
     print(
         f"config {args.config}, batch {args.batch_size} x {args.crop_seconds:g} s, {args.precision}, "
-        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, hourglass {args.hourglass}"
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        + (f"hourglass {args.hourglass}" if args.hourglass else "pretrain.py's step against transformers'")
     )
     for variant in runs:
         print(
             f"{variant}: {speed[variant]:.2f} audio-s/s, peak memory {peak[variant]:.3f} GB, "
             f"step memory {step[variant]:.3f} GB"
         )
-    print(f"hourglass speedup: {summary['speedup']:.3f}")
-    print(f"hourglass memory ratio: {summary['memory_ratio']:.3f}")
-    print(f"hourglass step memory ratio: {summary['step_memory_ratio']:.3f}")
+    print(f"{label} speedup: {summary['speedup']:.3f}")
+    print(f"{label} memory ratio: {summary['memory_ratio']:.3f}")
+    print(f"{label} step memory ratio: {summary['step_memory_ratio']:.3f}")
     return summary
 
 

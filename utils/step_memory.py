@@ -53,6 +53,7 @@ def recompute_first_conv_layer(model) -> None:
 def reduce_step_memory(model) -> None:
     """Both savers on a Wav2Vec2ForPreTraining model (standard or Hourglass), in place; the weights,
     their names and what is saved are unchanged."""
-    model.quantizer.__class__ = LeanGumbelQuantizer
+    if type(model.quantizer) is Wav2Vec2GumbelVectorQuantizer:  # not another quantizer of the same name
+        model.quantizer.__class__ = LeanGumbelQuantizer
     if model.wav2vec2.feature_extractor._requires_grad:  # a frozen CNN keeps no activations
         recompute_first_conv_layer(model)
