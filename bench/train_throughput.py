@@ -13,20 +13,21 @@ MFU from the training cost of wav2vec2-base (44 GFLOP per audio second; REFERENC
 the model's size, and the peak memory of both.
 
 With --hourglass the bare step of the standard and of the Hourglass encoder (utils/hourglass.py;
-the same config otherwise, the same batch) are compared. Speed: both models in one process, a step
-of one then a step of the other, --steps each after --warmup_steps, so that both see the same
-machine however busy other jobs keep it. LayerDrop is off in both, so every step runs every layer. Memory: each in fresh processes (so that neither inherits
-the other's), alternately --rounds times, the least peak of each. It prints `hourglass speedup: X`
-(audio-s/s, hourglass / standard) and `hourglass memory ratio: Y` (peak memory, hourglass /
-standard). Peak memory is what
+the same config otherwise, the same batch) are compared, LayerDrop off so that every step runs
+every layer. Speed: both models in one process, a step of one then a step of the other, --steps
+each after --warmup_steps, so that both see the same machine however busy other jobs keep it.
+Memory: each in fresh processes (so that neither inherits the other's), alternately --rounds
+times, the least peak of each. It prints `hourglass speedup: X` (audio-s/s, hourglass / standard)
+and `hourglass memory ratio: Y` (peak memory, hourglass / standard). Peak memory is what
 training the model takes at its peak above what the process held before the model was built
 (weights, gradients, optimizer state, activations; on a GPU the allocator's peak, on a CPU the
 resident set's high-water mark); `step memory` is the part above what was held just before the
 timed steps (activations and temporaries: what the hourglass shrinks).
 
 With --against_transformers the same comparison is of pretrain.py's step and the step as
-transformers' model computes it (its own contrastive loss and quantizer, every activation of the CNN
-kept; see utils/step_memory.py): `memory savers speedup` and `memory savers memory ratio` (ours / transformers').
+transformers' model computes it (its own contrastive loss and quantizer, every activation of the
+CNN kept; see utils/step_memory.py): `memory savers speedup` and `memory savers memory ratio`
+(ours / transformers').
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from utils.pretrain_log import DevSums
 from utils.probe_data import Segment, even_subset, frame_labels
 from utils.probes import Bootstrap, best_layer, probe_layers
 from utils.segments import Job
+from utils.step_memory import reduce_step_memory
 from utils.training import load_feature_extractor, make_loader
 from utils.windows import WindowReader, as_is, batches, run_model, window_geometry
 
@@ -174,6 +175,7 @@ def dev_figures(model, feature_extractor, dev_rows: list[dict], options: dict) -
     dev_crops_per_file, seed."""
     if not hasattr(model, "quantizer"):
         return None
+    reduce_step_memory(model)  # the same values; no (frames x codes x dim) product in the quantizer
     config = model.config
     num_frames = crop_frames(options["dev_crop_seconds"], config, DEV_MASK_LENGTH)
     transform = MaskAndNegatives(num_frames, DEV_MASK_PROB, DEV_MASK_LENGTH, DEV_NEGATIVES)
