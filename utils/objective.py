@@ -143,7 +143,8 @@ def contrastive_logits(out, inputs: dict, temperature: float) -> torch.Tensor:
     batch, frames, _ = quantized.shape
     rows = torch.arange(batch, device=quantized.device)[:, None, None] * frames
     negatives = inputs["sampled_negative_indices"].long().reshape(batch, frames, -1) - rows
-    with torch.autocast(quantized.device.type, enabled=False):  # fp32 as in the model's loss
+    # fp32 under autocast too (transformers rounds its similarities back to fp16/bf16 before the temperature)
+    with torch.autocast(quantized.device.type, enabled=False):
         unit_context = F.normalize(context.float(), dim=-1, eps=1e-8)
         unit_quantized = F.normalize(quantized.float(), dim=-1, eps=1e-8)
         similarity = torch.bmm(unit_context, unit_quantized.transpose(1, 2))  # (batch, frames, frames)

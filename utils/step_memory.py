@@ -14,7 +14,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2GumbelVectorQ
 class LeanGumbelQuantizer(Wav2Vec2GumbelVectorQuantizer):
     """transformers' quantizer (the same draws, codes, perplexity and parameters) with the code
     vectors looked up by a matrix product per group. The forward values are bit-identical: each
-    group's (straight-through) one-hot picks one code vector."""
+    group's (straight-through) one-hot picks one code vector (unless TF32 is allowed for fp32 matmuls,
+    which then round this product as they do the model's other ones)."""
 
     def forward(self, hidden_states, mask_time_indices=None):
         batch_size, sequence_length, _ = hidden_states.shape
@@ -40,6 +41,8 @@ def recompute_first_conv_layer(model) -> None:
     8 x 8 s in fp32), for well under 1 % of its compute. Exact (the layer has no dropout); with
     gradient checkpointing on, the model's own checkpointing already does this."""
     layer = model.wav2vec2.feature_extractor.conv_layers[0]
+    if getattr(layer, "recomputed", False):  # already (a second call would nest the checkpoints)
+        return
     forward = layer.forward
 
     def recomputed(hidden_states):
@@ -47,7 +50,7 @@ def recompute_first_conv_layer(model) -> None:
             return checkpoint(forward, hidden_states, use_reentrant=False, preserve_rng_state=False)
         return forward(hidden_states)
 
-    layer.forward = recomputed
+    layer.forward, layer.recomputed = recomputed, True
 
 
 def reduce_step_memory(model) -> None:
