@@ -32,13 +32,18 @@ def tiny_model(seed: int = 0, name: str = "tiny-wav2vec2-base"):
     return model_class(config, Wav2Vec2ForPreTraining)._from_config(config).train()
 
 
-def batch_for(model, samples: int = SAMPLES) -> dict:
+def drawn_batch(model, samples: int = SAMPLES) -> dict:
+    """A loader's batch: random audio, masks and negatives drawn as in pretrain.py's workers."""
     frames = conv_frames(samples, *conv_geometry(model.config))
     batch = MaskAndNegatives(frames, 0.65, 2, NEGATIVES)({"crop_keys": np.array([[0, 0, i] for i in range(BATCH)])})
     batch["input_values"] = torch.randn(BATCH, samples, generator=torch.Generator().manual_seed(1))
     for key in ("mask_time_indices", "sampled_negative_indices"):
         batch[key] = torch.from_numpy(batch[key])
-    return to_device(batch, "cpu")
+    return batch
+
+
+def batch_for(model, samples: int = SAMPLES) -> dict:
+    return to_device(drawn_batch(model, samples), "cpu")
 
 
 def saved_bytes(step) -> int:
@@ -202,11 +207,8 @@ def test_the_lean_quantizer_gives_the_same_codes_without_a_product_per_code(trai
 
 
 def test_negatives_from_another_crop_are_an_error():
-    model = tiny_model()
-    frames = conv_frames(SAMPLES, *conv_geometry(model.config))
-    batch = MaskAndNegatives(frames, 0.65, 2, NEGATIVES)({"crop_keys": np.array([[0, 0, i] for i in range(BATCH)])})
-    batch["input_values"] = torch.zeros(BATCH, SAMPLES)
+    batch = drawn_batch(tiny_model())
+    to_device(batch, "cpu")  # as drawn: no error
     batch["sampled_negative_indices"][1, 0, 0] = 0  # crop 1's first frame gets a frame of crop 0
-    batch = {key: torch.as_tensor(value) for key, value in batch.items() if key != "crop_keys"}
     with pytest.raises(ValueError, match="sampled_negative_indices.*own crop"):
         to_device(batch, "cpu")

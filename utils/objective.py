@@ -165,22 +165,22 @@ def check_negatives(batch: dict) -> None:
 def pretraining_forward(model, inputs: dict, config):
     """The model's output on a MaskAndNegatives batch, with the losses summed over the masked frames
     as transformers' model computes them (loss = contrastive_loss + diversity_loss_weight x
-    diversity_loss), from contrastive_logits. `config`: the model's."""
+    diversity_loss), from contrastive_logits, which it keeps as out.contrastive_logits (for
+    contrastive_correct). `config`: the model's."""
     out = model(inputs["input_values"], mask_time_indices=inputs["mask_time_indices"])
-    logits = contrastive_logits(out, inputs, config.contrastive_logits_temperature).flatten(0, 1)
+    out.contrastive_logits = contrastive_logits(out, inputs, config.contrastive_logits_temperature)
     targets = torch.where(inputs["mask_time_indices"].bool(), 0, -100).flatten()  # -100: not a masked frame
-    out.contrastive_loss = F.cross_entropy(logits, targets, reduction="sum")
+    out.contrastive_loss = F.cross_entropy(out.contrastive_logits.flatten(0, 1), targets, reduction="sum")
     codes = config.num_codevector_groups * config.num_codevectors_per_group
     out.diversity_loss = (codes - out.codevector_perplexity) / codes * inputs["mask_time_indices"].sum()
     out.loss = out.contrastive_loss + config.diversity_loss_weight * out.diversity_loss
     return out
 
 
-def contrastive_correct(out, inputs: dict, config) -> torch.Tensor:
-    """Masked frames whose true quantized vector scores above all its negatives."""
-    with torch.no_grad():
-        best = contrastive_logits(out, inputs, config.contrastive_logits_temperature).argmax(-1)
-        return ((best == 0) & inputs["mask_time_indices"].bool()).sum()
+def contrastive_correct(out, inputs: dict) -> torch.Tensor:
+    """Masked frames whose true quantized vector scores above all its negatives (`out`: pretraining_forward's)."""
+    best = out.contrastive_logits.detach().argmax(-1)
+    return ((best == 0) & inputs["mask_time_indices"].bool()).sum()
 
 
 @contextmanager

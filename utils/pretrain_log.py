@@ -122,7 +122,7 @@ class DevSums:
 
     def add(self, out, inputs: dict, code_logits: torch.Tensor) -> None:
         mask = inputs["mask_time_indices"]
-        correct = contrastive_correct(out, inputs, self.config)
+        correct = contrastive_correct(out, inputs)
         self.sums += torch.stack(
             [
                 out.contrastive_loss.double(),
